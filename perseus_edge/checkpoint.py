@@ -1,0 +1,140 @@
+"""Checkpoint folders: config.json + safetensors weights + tokenizer.json + manifest.json.
+
+The folder is also a valid Hugging Face DeepseekV3 checkpoint for the MLA architectures: the
+config carries HF's keys (`model_type`, `architectures`, ...) beside ours, and tensor names are
+HF's, sharded with `model.safetensors.index.json` when asked. No pickle anywhere: weights are
+safetensors, everything else JSON. Writes are atomic and loads verify every sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from perseus_edge.errors import PerseusError
+from perseus_edge.manifest import atomic_folder, verify_folder, write_manifest
+from perseus_edge.model.config import ModelConfig
+from perseus_edge.model.transformer import PerseusLM
+
+CONFIG, WEIGHTS, INDEX, TOKENIZER = "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """Our config plus the keys transformers' DeepseekV3Config needs (MLA architectures only)."""
+    out = cfg.to_dict()
+    if cfg.is_mla:
+        out.update(
+            model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+            num_key_value_heads=cfg.num_attention_heads, n_group=1, topk_group=1,
+            hidden_act="silu", attention_bias=False, attention_dropout=0.0, rope_interleave=True,
+            # a dense MLA model is DeepseekV3 with every layer dense
+            first_k_dense_replace=cfg.first_k_dense_replace if cfg.is_moe else cfg.num_hidden_layers,
+            n_routed_experts=cfg.n_routed_experts if cfg.is_moe else 1,
+            bos_token_id=0, eos_token_id=0,
+        )
+    return out
+
+
+def config_from_json(data: dict) -> ModelConfig:
+    """Inverse of `hf_config`: the `arch` key is ours and decides the member of the family."""
+    data = dict(data)
+    if "arch" not in data:
+        raise PerseusError("config.json has no 'arch' key: not a perseus checkpoint")
+    if data.get("model_type") == "deepseek_v3" and data["arch"] == "mla-dense":
+        data["first_k_dense_replace"] = 0
+    return ModelConfig.from_dict(data)
+
+
+def save_checkpoint(folder: Path, model: PerseusLM, tokenizer_json: Path | str, dtype: str = "fp32",
+                    max_shard_bytes: int | None = None, force: bool = True, meta: dict | None = None,
+                    extra_files: dict[str, Path] | None = None) -> Path:
+    """Write `model` as a checkpoint folder; `max_shard_bytes` splits weights into HF-style shards."""
+    if dtype not in DTYPES:
+        raise PerseusError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    folder = Path(folder)
+    with atomic_folder(folder, force=force) as tmp:
+        (tmp / CONFIG).write_text(json.dumps(hf_config(model.cfg), indent=2) + "\n")
+        _save_weights(tmp, state, max_shard_bytes)
+        shutil.copyfile(tokenizer_json, tmp / TOKENIZER)
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        write_manifest(tmp, "checkpoint", {"dtype": dtype, **(meta or {})})
+    return folder
+
+
+def _save_weights(folder: Path, state: dict, max_shard_bytes: int | None) -> None:
+    fmt = {"format": "pt"}
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if not max_shard_bytes or total <= max_shard_bytes:
+        save_file(state, folder / WEIGHTS, metadata=fmt)
+        return
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / fname, metadata=fmt)
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    folder = Path(folder)
+    files = ([folder / WEIGHTS] if (folder / WEIGHTS).is_file() else
+             sorted({folder / f for f in json.loads((folder / INDEX).read_text())["weight_map"].values()})
+             if (folder / INDEX).is_file() else [])
+    if not files:
+        raise PerseusError(f"{folder} has no {WEIGHTS} or {INDEX}")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError) as e:
+            raise PerseusError(f"cannot read weights {f.name}: {e}") from None
+    return state
+
+
+def load_checkpoint(folder: Path, device: str = "cpu", dtype: str | None = None,
+                    verify: bool = True) -> tuple[PerseusLM, Path]:
+    """Verify, then rebuild the model; returns (model in eval mode, path of tokenizer.json)."""
+    from perseus_edge.tokenizer import check_vocab, load_tokenizer
+
+    folder = Path(folder)
+    if verify:
+        verify_folder(folder, "checkpoint")
+    cfg = config_from_json(json.loads((folder / CONFIG).read_text()))
+    check_vocab(load_tokenizer(folder / TOKENIZER), cfg.vocab_size, str(folder))
+    model = PerseusLM(cfg)
+    state = load_state(folder)
+    if cfg.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    if missing or unexpected:
+        raise PerseusError(f"{folder}: weights do not match the config "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in state.items():
+        if v.shape != ours[k].shape:
+            raise PerseusError(f"{folder}: tensor {k} has shape {tuple(v.shape)}, config implies {tuple(ours[k].shape)}")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    if dtype:
+        model.to(DTYPES[dtype])
+    return model.to(device).eval(), folder / TOKENIZER

@@ -1,0 +1,61 @@
+"""The deployable model folder as data: every file name, graph input/output and key in one place.
+
+Like gguf-py's constants module, this is the single source of truth shared by the exporter (which
+writes these names), the quantizer (which rewrites the graph and keeps them) and the runtime (which
+binds them). Torch-free.
+
+Folder layout (kind "onnx" in manifest.json):
+    model.onnx            the graph; large weights in model.onnx.data (external data)
+    config.json           ModelConfig of the exported model (the checkpoint's config)
+    tokenizer.json        byte-level BPE tokenizer
+    generation_config.json  defaults for the runtime (max_context, eos ids, sampling)
+    manifest.json         sha256 of every file + export/quantization metadata
+
+Graph contract (one graph serves prefill and decode):
+    inputs   input_ids   int64 [batch, seq]        tokens to process
+             position    int64 [1]                 absolute position of input_ids[:, 0] (= tokens already cached)
+             past.{i}.{slot}  float [batch, max_context, ...] preallocated cache buffers, per layer i
+    outputs  logits      float [batch, seq, vocab]
+             present.{i}.{slot}  same shape as past; the same buffer with rows position..position+seq written
+
+Cache slots: MLA layers cache the latent `c_kv` [B, C, kv_lora_rank] and `k_rope` [B, C, qk_rope_head_dim];
+MHA layers cache `key` and `value` [B, C, num_heads * head_dim]. Bind present.* to the same
+OrtValue as past.* (IO binding) so ORT updates the cache in place.
+"""
+
+from __future__ import annotations
+
+MODEL_ONNX = "model.onnx"
+MODEL_DATA = "model.onnx.data"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+GENERATION_CONFIG = "generation_config.json"
+MANIFEST = "manifest.json"
+
+INPUT_IDS = "input_ids"
+POSITION = "position"
+LOGITS = "logits"
+
+PERSEUS_DOMAIN = "perseus"
+OP_LATENT_ATTENTION = "LatentAttention"
+OP_ATTENTION = "Attention"  # MHA baseline, same cache contract
+OP_MOE = "MoE"
+
+
+def cache_slots(is_mla: bool) -> tuple[str, str]:
+    return ("c_kv", "k_rope") if is_mla else ("key", "value")
+
+
+def past_name(layer: int, slot: str) -> str:
+    return f"past.{layer}.{slot}"
+
+
+def present_name(layer: int, slot: str) -> str:
+    return f"present.{layer}.{slot}"
+
+
+def cache_widths(cfg) -> tuple[int, int]:
+    """Last-dimension widths of the two cache slots of every layer, from a ModelConfig."""
+    if cfg.is_mla:
+        return cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    return cfg.hidden_size, cfg.hidden_size

@@ -1,0 +1,1 @@
+"""perseus_edge.runtime"""
