@@ -93,7 +93,8 @@ def iter_paragraph_chunks(
     `chunk_chars`, whatever the file size. `raw_file` lets a caller watch the on-disk position.
     """
     path = Path(path)
-    raw = raw_file if raw_file is not None else _open_raw(path)
+    own_raw = raw_file is None
+    raw = _open_raw(path) if own_raw else raw_file
     # newline="" keeps the text byte-exact: no "\r\n" translation behind our back.
     if path.suffix == ".xz":
         text_file = lzma.open(raw, "rt", encoding="utf-8", newline="")
@@ -124,6 +125,9 @@ def iter_paragraph_chunks(
                     yield pieces
     except (UnicodeDecodeError, lzma.LZMAError, EOFError) as e:
         raise PerseusError(f"cannot read {path}: {e}") from None
+    finally:
+        if own_raw:
+            raw.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +146,7 @@ def cache_path(tokenizer, split: str, cache_dir: str | Path, max_chars: int | No
 
 def _write_tokens(tokenizer, src: Path, out: Path, max_chars: int | None, progress: bool) -> int:
     """Tokenize `src` into `out` (raw uint16); return the number of tokens written."""
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         Progress,
@@ -163,7 +168,8 @@ def _write_tokens(tokenizer, src: Path, out: Path, max_chars: int | None, progre
     )
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     n_chars = n_tokens = 0
-    with Progress(*columns, disable=not progress, transient=False) as bar, open(out, "wb") as f:
+    console = Console(stderr=True)  # keep stdout clean for whatever the CLI prints
+    with raw, Progress(*columns, console=console, disable=not progress) as bar, open(out, "wb") as f:
         task = bar.add_task("tok", total=disk_bytes if max_chars is None else max_chars,
                             chars=0, tokens=0)
         for pieces in iter_paragraph_chunks(src, max_chars=max_chars, raw_file=raw):
@@ -183,7 +189,7 @@ def _write_tokens(tokenizer, src: Path, out: Path, max_chars: int | None, progre
 
 def tokenize_split(
     tokenizer,
-    data_dir: str | Path,
+    data_dir: str | Path | None,
     split: str,
     cache_dir: str | Path,
     max_chars: int | None = None,
@@ -199,7 +205,7 @@ def tokenize_split(
         raise PerseusError(f"tokenizer has {vocab} tokens: uint16 token files hold at most 65536")
     if max_chars is not None and max_chars <= 0:
         raise PerseusError(f"max_chars must be positive, got {max_chars}")
-    src = split_file(data_dir, split)
+    src = split_file(resolve_data_dir(data_dir), split)
     path = cache_path(tokenizer, split, cache_dir, max_chars)
     if not path.is_file():
         try:

@@ -99,6 +99,7 @@ def check_vocab(
 
 
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, with no BOS/EOS added (the pipeline has no post-processor anyway)."""
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 

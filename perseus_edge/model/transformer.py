@@ -249,7 +249,9 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
         token = order // k
         xs = x[token]
-        ys = torch.cat([self.experts[e](chunk) if n else chunk
+        # Idle experts still run (on zero rows) while training so every parameter gets a gradient,
+        # which DDP requires; in inference they are skipped.
+        ys = torch.cat([self.experts[e](chunk) if (n or self.training) else chunk
                         for e, (n, chunk) in enumerate(zip(counts, xs.split(counts)))])
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)

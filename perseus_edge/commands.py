@@ -1,0 +1,177 @@
+"""Core CLI commands: info, train-tokenizer, train, eval, generate.
+
+torch is imported inside the commands that need it, so `perseus --help`, `perseus info` and
+`perseus eval` on an ONNX folder work on a torch-free install.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from perseus_edge.errors import PerseusError
+
+console = Console()
+
+
+def info(
+    preset: str = typer.Option("54m", help="Preset: tiny, 17m, 54m, 202m."),
+    arch: Optional[str] = typer.Option(None, help="moe-mla-rope, mla-dense, mha, mha-moe (default: all)."),
+    config: Optional[Path] = typer.Option(None, help="A config.json (checkpoint or model folder) instead of a preset."),
+    context: int = typer.Option(1024, help="Context length for FLOPs and full-context cache size."),
+) -> None:
+    """Parameters (total/active), KV-cache bytes per token and FLOPs per token of a config."""
+    from perseus_edge.model.config import ARCHS, ModelConfig
+    from perseus_edge.model.config import preset as make_preset
+
+    if config is not None:
+        cfgs = [(str(config), ModelConfig.load(config if config.is_file() else config / "config.json"))]
+    else:
+        cfgs = [(f"{preset}/{a}", make_preset(preset, a)) for a in ([arch] if arch else ARCHS)]
+    table = Table(title=f"model sizes (context {context})")
+    for col in ("model", "params", "active", "KV B/token fp16", "KV MiB @ctx fp16", "GFLOPs/token"):
+        table.add_column(col, justify="right")
+    for name, c in cfgs:
+        p = c.param_counts()
+        kv = c.kv_bytes_per_token(2)
+        table.add_row(name, f"{p['total'] / 1e6:.2f}M", f"{p['active'] / 1e6:.2f}M", f"{kv:,}",
+                      f"{kv * context / 2**20:.1f}", f"{c.flops_per_token(context) / 1e9:.3f}")
+    console.print(table)
+
+
+def train_tokenizer(
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write tokenizer.json."),
+    vocab_size: int = typer.Option(8192, help="Vocabulary size (special tokens included)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Corpus folder (default: $PERSEUS_DATA_DIR or ../shared/data/gutenberg)."),
+) -> None:
+    """Train the byte-level BPE tokenizer on the train split."""
+    from perseus_edge.data import resolve_data_dir, split_file
+    from perseus_edge.tokenizer import train_tokenizer as train_bpe
+
+    src = split_file(resolve_data_dir(data_dir), "train")
+    tok = train_bpe([src], vocab_size=vocab_size, out_path=out)
+    console.print(f"wrote {out} ({tok.get_vocab_size()} tokens)")
+
+
+def train(
+    preset: str = typer.Option("tiny", help="Model size: tiny, 17m, 54m, 202m."),
+    arch: str = typer.Option("moe-mla-rope", help="moe-mla-rope, mla-dense, mha, mha-moe."),
+    optimizer: str = typer.Option("muon", help="muon (hidden matrices) + AdamW (rest), or adamw for all."),
+    lr: float = typer.Option(3e-3, help="Peak lr of the hidden matrices."),
+    adam_lr: float = typer.Option(3e-3, help="Peak lr of embeddings, head, norms and router."),
+    weight_decay: float = typer.Option(0.0),
+    batch_size: int = typer.Option(16, help="Sequences per process per step."),
+    seq_len: int = typer.Option(256),
+    steps: int = typer.Option(300),
+    warmup: int = typer.Option(30),
+    eval_every: int = typer.Option(100),
+    eval_batches: int = typer.Option(20),
+    seed: int = typer.Option(0),
+    compile: bool = typer.Option(False, help="torch.compile the model."),
+    max_chars: Optional[int] = typer.Option(None, help="Only tokenize this many characters of train (smoke runs)."),
+    data_dir: Optional[str] = typer.Option(None),
+    tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json (default: the shipped 8192-token one)."),
+    out: str = typer.Option("runs/default", "-o", "--out", help="Run folder: log.jsonl and checkpoint/."),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint."),
+) -> None:
+    """Train a model of the family (under torchrun for several processes)."""
+    from perseus_edge.train import TrainConfig
+    from perseus_edge.train import train as run
+
+    cfg = TrainConfig(preset=preset, arch=arch, optimizer=optimizer, lr=lr, adam_lr=adam_lr,
+                      weight_decay=weight_decay, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                      warmup=min(warmup, steps), eval_every=eval_every, eval_batches=eval_batches, seed=seed,
+                      compile=compile, max_chars=max_chars, data_dir=data_dir, tokenizer=tokenizer, out=out,
+                      resume=resume)
+    result = run(cfg)
+    if result.get("final_loss") is not None:
+        console.print(f"done: train loss {result['final_loss']:.4f}, valid loss {result['val_loss']:.4f}, "
+                      f"checkpoint {out}/checkpoint")
+
+
+def evaluate(
+    model_dir: Path = typer.Argument(..., help="Checkpoint folder or exported ONNX model folder."),
+    split: str = typer.Option("valid", help="valid or test (never tune on test)."),
+    seq_len: int = typer.Option(256),
+    max_batches: Optional[int] = typer.Option(None, help="Limit the number of windows (default: whole split)."),
+    batch_size: int = typer.Option(8),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (ONNX folders)."),
+    data_dir: Optional[Path] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Loss and perplexity on a held-out split: PyTorch for checkpoints, ONNX Runtime for model folders."""
+    from perseus_edge.data import resolve_data_dir, tokenize_split
+    from perseus_edge.manifest import read_manifest
+    from perseus_edge.tokenizer import load_tokenizer
+
+    kind = read_manifest(model_dir).get("kind")
+    tok = load_tokenizer(model_dir / "tokenizer.json")
+    data = resolve_data_dir(data_dir)
+    cache = Path.home() / ".cache" / "perseus-edge" / "tokens"
+    tokens = tokenize_split(tok, data, split, cache, progress=False)
+    if kind == "checkpoint":
+        import math
+
+        import torch
+
+        from perseus_edge.checkpoint import load_checkpoint
+        from perseus_edge.train import evaluate as eval_loss
+
+        model, _ = load_checkpoint(model_dir)
+        if seq_len > model.cfg.max_position_embeddings:
+            raise PerseusError(f"seq_len {seq_len} exceeds the model context {model.cfg.max_position_embeddings}")
+        if threads:
+            torch.set_num_threads(threads)
+        loss = eval_loss(model, tokens, seq_len, batch_size, max_batches, torch.device("cpu"))
+        n = len(tokens) - 1 if max_batches is None else min(len(tokens) - 1, max_batches * batch_size * seq_len)
+        result = {"loss": loss, "ppl": math.exp(loss), "tokens": n}
+    else:
+        from perseus_edge.runtime.evaluate import evaluate as eval_onnx
+
+        result = eval_onnx(model_dir, tokens, seq_len=seq_len, max_batches=max_batches, threads=threads)
+    result = {"model": str(model_dir), "split": split, "seq_len": seq_len, **result}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print(f"{split}: loss {result['loss']:.4f}  perplexity {result['ppl']:.3f}  ({result['tokens']:,} tokens)")
+
+
+def generate(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
+    prompt: str = typer.Option(..., "-p", "--prompt"),
+    n: int = typer.Option(64, "-n", "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_k: int = typer.Option(0),
+    top_p: float = typer.Option(1.0),
+    repeat_penalty: float = typer.Option(1.0),
+    seed: Optional[int] = typer.Option(None),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Generate with the PyTorch reference (what the ONNX runtime is checked against)."""
+    from perseus_edge.checkpoint import load_checkpoint
+    from perseus_edge.generate import generate_tokens
+    from perseus_edge.runtime.sampling import Sampler
+    from perseus_edge.tokenizer import EOS, load_tokenizer
+
+    if n <= 0:
+        raise PerseusError(f"-n must be positive, got {n}")
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repeat_penalty, seed=seed)
+    model, tok_path = load_checkpoint(checkpoint, device=device)
+    tok = load_tokenizer(tok_path)
+    ids = tok.encode(prompt).ids
+    out = list(generate_tokens(model, ids, n, sampler, eos_id=tok.token_to_id(EOS)))
+    sys.stdout.write(prompt + tok.decode(out, skip_special_tokens=False) + "\n")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(info)
+    app.command("train-tokenizer")(train_tokenizer)
+    app.command()(train)
+    app.command("eval")(evaluate)
+    app.command()(generate)

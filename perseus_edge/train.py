@@ -1,0 +1,326 @@
+"""Training loop: Muon on hidden matrices, AdamW on the rest; one GPU, CPU, or torchrun DDP.
+
+Reads top to bottom like nanoGPT's train.py: config -> data -> model -> optimizers -> loop
+(warmup + cosine decay, grad clipping, bf16 autocast on GPU, periodic eval, JSON-lines log,
+router-bias balancing) -> checkpoint folder. Resume reloads weights, optimizer state and step
+from the checkpoint (all safetensors + JSON, no pickle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from perseus_edge.checkpoint import load_checkpoint, save_checkpoint
+from perseus_edge.data import TokenWindows, eval_batches, resolve_data_dir, tokenize_split
+from perseus_edge.errors import PerseusError
+from perseus_edge.model.config import ModelConfig, preset
+from perseus_edge.model.transformer import MoE, PerseusLM, RMSNorm, Router
+from perseus_edge.tokenizer import DEFAULT_TOKENIZER, check_vocab, load_tokenizer
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Newton-Schulz quintic of Muon (Su, 2024)
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM, for MFU
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    arch: str = "moe-mla-rope"
+    optimizer: str = "muon"          # muon | adamw
+    lr: float = 3e-3                 # peak lr of the hidden matrices (Muon, or AdamW when optimizer=adamw)
+    adam_lr: float = 3e-3            # peak lr of embeddings, head, norms, router (always AdamW)
+    weight_decay: float = 0.0
+    batch_size: int = 16             # sequences per process per step
+    seq_len: int = 256
+    steps: int = 300
+    warmup: int = 30
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 20
+    seed: int = 0
+    compile: bool = False
+    max_chars: int | None = None     # tokenize only a prefix of the train split (smoke runs)
+    data_dir: str | None = None
+    tokenizer: str | None = None     # tokenizer.json (default: the shipped one)
+    out: str = "runs/default"
+    resume: bool = False
+    log_every: int = 10
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------- optimizers
+def param_groups(model: PerseusLM) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(hidden matrices for Muon, everything else for AdamW).
+
+    Muon orthogonalises updates of 2-D weights *inside* the network (attention projections,
+    experts, dense MLPs). Embeddings, the LM head, norms and the router are AdamW's: their rows
+    are looked up or scored one by one, where orthogonalised updates are not meaningful.
+    """
+    embed_like = {id(model.model.embed_tokens.weight), id(model.lm_head.weight)}
+    adam_ids = set(embed_like)
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, Router)):
+            adam_ids.update(id(p) for p in m.parameters(recurse=False))
+    muon, adam = [], []
+    for p in model.parameters():
+        (adam if id(p) in adam_ids or p.ndim != 2 else muon).append(p)
+    return muon, adam
+
+
+def build_optimizers(model: PerseusLM, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    muon_params, adam_params = param_groups(model)
+    no_decay = [p for p in adam_params if p.ndim < 2]
+    decay = [p for p in adam_params if p.ndim >= 2]
+    adam_kw = dict(betas=(0.9, 0.95), eps=1e-8)
+    if cfg.optimizer == "muon":
+        # match_rms_adamw scales each update to AdamW's RMS, so one lr range serves both optimizers.
+        muon = torch.optim.Muon(muon_params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95,
+                                nesterov=True, ns_coefficients=NS_COEFFICIENTS, adjust_lr_fn="match_rms_adamw")
+        adam = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.adam_lr, **adam_kw)
+        return [muon, adam]
+    if cfg.optimizer == "adamw":
+        return [torch.optim.AdamW([{"params": muon_params, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+                                   {"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.adam_lr, **adam_kw)]
+    raise PerseusError(f"unknown optimizer {cfg.optimizer!r} (choose muon or adamw)")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio of the peak."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+    """Optimizer state as (tensors for safetensors, JSON-able rest): no pickle."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for name, t in tensors.items():
+        p, idx, k = name.split(".", 2)
+        if p == prefix:
+            state.setdefault(int(idx), {})[k] = t
+    for name, v in meta["scalars"].items():
+        idx, k = name.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: PerseusLM, tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None,
+             device: torch.device, autocast=nullcontext) -> float:
+    """Mean next-token cross-entropy over sequential windows of `tokens` (same windows every call)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in eval_batches(tokens, seq_len, batch_size, max_batches):
+        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        with autocast():
+            logits, _ = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def load_balance(model: PerseusLM) -> list[float]:
+    """Per MoE layer: max expert load / mean load since the last router update (1.0 = perfect)."""
+    out = []
+    for r in model.routers():
+        load = r.load
+        out.append(float(load.max() / load.mean()) if load.sum() > 0 else 1.0)
+    return out
+
+
+# ----------------------------------------------------------------------------- main loop
+def setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return rank, world, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return rank, world, torch.device("cpu")
+
+
+def train(cfg: TrainConfig) -> dict:
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoint"
+
+    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else DEFAULT_TOKENIZER
+    if cfg.resume:
+        if not (ckpt_dir / "trainer_state.json").is_file():
+            raise PerseusError(f"nothing to resume: {ckpt_dir} has no trainer_state.json")
+        model, tok_path = load_checkpoint(ckpt_dir)
+        model_cfg = model.cfg
+    else:
+        model_cfg = preset(cfg.preset, cfg.arch)
+    tokenizer = load_tokenizer(tok_path)
+    if not cfg.resume and tokenizer.get_vocab_size() != model_cfg.vocab_size:
+        model_cfg = model_cfg.replace(vocab_size=tokenizer.get_vocab_size())
+    check_vocab(tokenizer, model_cfg.vocab_size, f"preset {cfg.preset}")
+    if cfg.seq_len > model_cfg.max_position_embeddings:
+        raise PerseusError(f"seq_len {cfg.seq_len} exceeds the model context {model_cfg.max_position_embeddings}")
+
+    data_dir = resolve_data_dir(cfg.data_dir)
+    cache_dir = Path(os.environ.get("PERSEUS_CACHE", Path(data_dir).parent / ".tokens"))
+    if not os.access(Path(data_dir).parent, os.W_OK):
+        cache_dir = Path(os.environ.get("PERSEUS_CACHE", Path.home() / ".cache" / "perseus-edge" / "tokens"))
+    # rank 0 tokenizes; the others wait and then map the same file
+    if master:
+        train_tokens = tokenize_split(tokenizer, data_dir, "train", cache_dir, cfg.max_chars, cfg.progress)
+        valid_tokens = tokenize_split(tokenizer, data_dir, "valid", cache_dir, None, cfg.progress)
+    if world > 1:
+        dist.barrier()
+    if not master:
+        train_tokens = tokenize_split(tokenizer, data_dir, "train", cache_dir, cfg.max_chars, False)
+        valid_tokens = tokenize_split(tokenizer, data_dir, "valid", cache_dir, None, False)
+    windows = TokenWindows(train_tokens, cfg.seq_len, cfg.batch_size, cfg.seed, rank, world)
+
+    if not cfg.resume:
+        model = PerseusLM(model_cfg)
+    model.to(device).train()
+    optimizers = build_optimizers(model, cfg)
+    start_step = 0
+    if cfg.resume:
+        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+        tensors = load_file(ckpt_dir / "optimizer.safetensors")
+        for i, opt in enumerate(optimizers):
+            unflatten_optimizer(opt, f"opt{i}", {k: v.to(device) for k, v in tensors.items()}, state["optimizers"][i])
+        start_step = state["step"]
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
+    use_bf16 = device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    n_params = model.num_parameters()
+    flops_per_token = 3 * model_cfg.flops_per_token(cfg.seq_len // 2)  # fwd + bwd, mean context
+    tokens_per_step = cfg.batch_size * cfg.seq_len * world
+    log_path = out / "log.jsonl"
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        log = open(log_path, "a" if cfg.resume else "w")
+    bar = None
+    if master and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=f"train {cfg.preset}/{cfg.arch}/{cfg.optimizer}",
+                   dynamic_ncols=True)
+
+    record: dict = {}
+    t_last, tokens_since = time.perf_counter(), 0
+    val_loss = float("nan")
+    for step in range(start_step, cfg.steps):
+        factor = lr_factor(step, cfg)
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * factor
+        x, y = windows.torch_batch(step, device)
+        with autocast():
+            logits, _ = fwd(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        balance = load_balance(model) if (step + 1) % cfg.log_every == 0 else None
+        for r in model.routers():  # loads summed over ranks so every replica moves its bias alike
+            if world > 1:
+                dist.all_reduce(r.load)
+            r.update_bias()
+        tokens_since += tokens_per_step
+
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.eval_every == 0 or last:
+            val_loss = evaluate(model, valid_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches, device, autocast)
+        if master and ((step + 1) % cfg.log_every == 0 or last):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            tok_s = tokens_since / (now - t_last)
+            record = {"step": step + 1, "loss": round(loss.item(), 5), "lr": optimizers[0].param_groups[0]["lr"],
+                      "grad_norm": round(float(grad_norm), 4), "tokens": (step + 1) * tokens_per_step,
+                      "tokens_per_s": round(tok_s, 1), "flops": (step + 1) * tokens_per_step * flops_per_token}
+            if device.type == "cuda":
+                record["mfu"] = round(tok_s * flops_per_token / (H100_BF16_PEAK * world), 4)
+            if balance is not None:
+                record["expert_load_max_over_mean"] = [round(b, 3) for b in balance]
+            if (step + 1) % cfg.eval_every == 0 or last:
+                record["val_loss"] = round(val_loss, 5)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            t_last, tokens_since = now, 0
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}")
+    if bar is not None:
+        bar.close()
+
+    if master:
+        save_training_checkpoint(ckpt_dir, model, tok_path, optimizers, cfg, n_params)
+        log.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"final_loss": record.get("loss"), "val_loss": val_loss, "params": n_params, "out": str(out)}
+
+
+def save_training_checkpoint(folder: Path, model: PerseusLM, tokenizer: Path, optimizers, cfg: TrainConfig,
+                             n_params: int) -> None:
+    """Checkpoint folder plus optimizer.safetensors and trainer_state.json for --resume."""
+    import tempfile
+
+    tensors, metas = {}, []
+    for i, opt in enumerate(optimizers):
+        t, meta = flatten_optimizer(opt, f"opt{i}")
+        tensors.update(t)
+        metas.append(meta)
+    with tempfile.TemporaryDirectory() as tmp:
+        opt_file = Path(tmp) / "optimizer.safetensors"
+        save_file(tensors, opt_file)
+        state_file = Path(tmp) / "trainer_state.json"
+        state_file.write_text(json.dumps({"step": cfg.steps, "optimizers": metas,
+                                          "train_config": dataclasses.asdict(cfg)}, indent=2))
+        save_checkpoint(folder, model, tokenizer, meta={"params": n_params, "step": cfg.steps},
+                        extra_files={"optimizer.safetensors": opt_file, "trainer_state.json": state_file})
