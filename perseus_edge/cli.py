@@ -26,7 +26,7 @@ def _register() -> None:
         try:
             module = __import__(f"perseus_edge.{stage}.commands", fromlist=["register"])
         except ModuleNotFoundError as e:
-            if e.name != f"perseus_edge.{stage}.commands":
+            if e.name not in (f"perseus_edge.{stage}", f"perseus_edge.{stage}.commands"):
                 raise
             continue
         module.register(app)

@@ -174,9 +174,7 @@ def _write_tokens(tokenizer, src: Path, out: Path, max_chars: int | None, progre
                             chars=0, tokens=0)
         for pieces in iter_paragraph_chunks(src, max_chars=max_chars, raw_file=raw):
             encodings = encode(pieces, add_special_tokens=False)
-            ids = np.fromiter(
-                (i for e in encodings for i in e.ids), dtype=np.uint16
-            )
+            ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.uint16)
             f.write(ids.tobytes())
             n_chars += sum(len(p) for p in pieces)
             n_tokens += len(ids)
