@@ -31,6 +31,9 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 GENERATION_CONFIG = "generation_config.json"
 MANIFEST = "manifest.json"
+# ORT mobile format (optional, written by `perseus to-ort` beside model.onnx)
+MODEL_ORT = "model.ort"
+REQUIRED_OPS = "model.required_operators.config"  # op list for a minimal ORT build
 
 INPUT_IDS = "input_ids"
 POSITION = "position"
@@ -40,6 +43,11 @@ PERSEUS_DOMAIN = "perseus"
 OP_LATENT_ATTENTION = "LatentAttention"
 OP_ATTENTION = "Attention"  # MHA baseline, same cache contract
 OP_MOE = "MoE"
+
+# manifest.json of an exported folder: kind, and the key holding the export metadata
+# ({"target", "opset", "perseus_ops", "max_context", "source_checkpoint": {"path", "sha256"}, ...})
+KIND_ONNX = "onnx"
+EXPORT_META = "export"
 
 
 def cache_slots(is_mla: bool) -> tuple[str, str]:

@@ -3,6 +3,7 @@
     load time           model folder verified + ORT session created
     prompt eval         prefill: prompt tokens through the graph (tokens per second)
     eval                decode: one graph run per generated token after the first
+    sampling            the numpy sampler, all tokens
     time to first token from the call to generate() to the first sampled token
     peak RSS            the process's resident-set high-water mark (getrusage), MiB
 """
@@ -54,6 +55,7 @@ class Timings:
     prompt_s: float = 0.0
     decode_tokens: int = 0  # graph runs after the prefill
     decode_s: float = 0.0
+    sample_s: float = 0.0  # sampler (numpy) time, all tokens
     ttft_s: float = 0.0
     total_s: float = 0.0
     peak_rss: int = 0
@@ -82,6 +84,7 @@ class Timings:
             f"{'load time':<20}= {self.load_s * 1e3:10.2f} ms",
             line("prompt eval time", self.prompt_s, self.prompt_tokens, "tokens"),
             line("eval time", self.decode_s, self.decode_tokens, "runs"),
+            f"{'sampling time':<20}= {self.sample_s * 1e3:10.2f} ms",
             f"{'time to first token':<20}= {self.ttft_s * 1e3:10.2f} ms",
             f"{'total time':<20}= {self.total_s * 1e3:10.2f} ms",
             f"{'peak RSS':<20}= {self.peak_rss / 2**20:10.1f} MiB"

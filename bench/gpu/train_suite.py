@@ -73,13 +73,14 @@ def last_record(run_dir: Path, key: str) -> dict | None:
     return rows[-1] if rows else None
 
 
-def probe(root: Path) -> None:
-    """Solo throughput and MFU per preset, torch.compile off and on (short runs)."""
+def probe(root: Path, compile_: bool = False) -> None:
+    """Solo throughput and MFU per preset (short runs); with compile_, torch.compile on as well."""
     results = []
     for preset in ("17m", "54m"):
-        for comp in (False, True):
+        for comp in ((False, True) if compile_ else (False,)):
             name = f"probe-{preset}-{'compile' if comp else 'eager'}"
-            launch([(name, command(root / name, preset, "moe-mla-rope", "muon", 3e-3, 60, comp, 1000))], root, 240)
+            launch([(name, command(root / name, preset, "moe-mla-rope", "muon", 3e-3, 60, comp, 1000))], root,
+                   240 if comp else 90)
             rec = last_record(root / name, "tokens_per_s")
             results.append({"preset": preset, "compile": comp, **(rec or {})})
             print(json.dumps(results[-1]), flush=True)
@@ -116,6 +117,20 @@ def arch(root: Path, preset: str, lr: float, budget_s: float, speedup: float, ar
     launch(runs, root, budget_s * 1.6)
 
 
+def suite(root: Path, budget_s: float, speedup: float, arch_lr: float) -> None:
+    """One wave on the shared GPU: 17m and 54m LR sweeps (Muon, AdamW) + 54m architecture baselines."""
+    plan = [("17m", "moe-mla-rope", opt, lr) for opt in ("muon", "adamw") for lr in LRS]
+    plan += [("54m", "moe-mla-rope", opt, lr) for opt in ("muon", "adamw") for lr in LRS]
+    plan += [("54m", a, "muon", arch_lr) for a in ("mla-dense", "mha", "mha-moe")]
+    steps = {p: steps_for(root, p, len(plan), budget_s, speedup) for p in ("17m", "54m")}
+    runs = []
+    for preset, a, opt, lr in plan:
+        name = f"{preset}-{a}-{opt}-lr{lr:g}"
+        runs.append((name, command(root / name, preset, a, opt, lr, steps[preset])))
+    print(f"suite: {len(runs)} concurrent runs, steps {steps} x {TOKENS_PER_STEP} tokens", flush=True)
+    launch(runs, root, budget_s * 1.6)
+
+
 def best_run(root: Path, preset: str, arch_name: str = "moe-mla-rope") -> Path:
     best, best_loss = None, math.inf
     for d in root.glob(f"{preset}-{arch_name}-*"):
@@ -148,7 +163,8 @@ def package(run: Path, pieces_out: Path, first: int, count: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["probe", "sweep", "arch", "best", "package"])
+    ap.add_argument("stage", choices=["probe", "sweep", "arch", "suite", "best", "package"])
+    ap.add_argument("--compile", action="store_true", help="probe: also measure torch.compile")
     ap.add_argument("--out", type=Path, default=Path("runs/suite"))
     ap.add_argument("--preset", default="17m")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -162,7 +178,9 @@ def main() -> None:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.stage == "probe":
-        probe(a.out)
+        probe(a.out, a.compile)
+    elif a.stage == "suite":
+        suite(a.out, a.budget_s, a.speedup, a.lr)
     elif a.stage == "sweep":
         sweep(a.out, a.preset, a.budget_s, a.speedup)
     elif a.stage == "arch":

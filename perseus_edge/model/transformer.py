@@ -254,7 +254,7 @@ class MoE(nn.Module):
         ys = torch.cat([self.experts[e](chunk) if (n or self.training) else chunk
                         for e, (n, chunk) in enumerate(zip(counts, xs.split(counts)))])
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,115 @@
+"""Stage `build`: the portable decoder graph, emitted from the prepared weights.
+
+One graph serves prefill and decode (the contract in `perseus_edge.modelfile`):
+
+    input_ids [B,T], position [1], past.{i}.* [B,C,w]  ->  logits [B,T,V], present.{i}.* [B,C,w]
+
+Per layer: RMSNorm -> projections -> perseus.LatentAttention | perseus.Attention -> o_proj ->
+residual -> RMSNorm -> perseus.MoE (+ shared-expert MLP) | SwiGLU MLP -> residual. The weight
+matmuls stay in the main graph, where stock quantizers find them; the custom ops hold the parts
+that are specific to this model family (latent-KV attention, routing).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from perseus_edge import modelfile as mf
+from perseus_edge.export import ops
+from perseus_edge.export.graph import IR_VERSION, OPSET, Builder, value_info
+from perseus_edge.model.config import ModelConfig
+
+PRODUCER = "perseus-edge"
+
+
+def build(cfg: ModelConfig, weights: dict[str, np.ndarray], max_context: int) -> onnx.ModelProto:
+    """The portable ONNX model of `cfg` with `weights` (from `weights.prepare`)."""
+    b = Builder()
+
+    def w(name: str) -> str:
+        """A weight's value name; the initializer is added on first use."""
+        return name if name in b.weights else b.weight(name, weights[name])
+
+    slots = mf.cache_slots(cfg.is_mla)
+    widths = mf.cache_widths(cfg)
+    inputs = [value_info(mf.INPUT_IDS, np.int64, ["batch", "seq"]),
+              value_info(mf.POSITION, np.int64, [1])]
+    outputs = [value_info(mf.LOGITS, np.float32, ["batch", "seq", cfg.vocab_size])]
+    for i in range(cfg.num_hidden_layers):
+        for slot, width in zip(slots, widths):
+            inputs.append(value_info(mf.past_name(i, slot), np.float32, ["batch", max_context, width]))
+            outputs.append(value_info(mf.present_name(i, slot), np.float32, ["batch", max_context, width]))
+
+    x = b.Gather(w("embed_tokens"), mf.INPUT_IDS, _name="embeddings")
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        h = b.RMSNormalization(x, w(p + "input_norm"), epsilon=cfg.rms_norm_eps, _name=p + "attn_in")
+        attend = _latent_attention if cfg.is_mla else _attention
+        x = b.Add(x, b.MatMul(attend(b, w, cfg, i, h), w(p + "attn.o_proj")), _name=p + "resid_attn")
+        h = b.RMSNormalization(x, w(p + "post_norm"), epsilon=cfg.rms_norm_eps, _name=p + "mlp_in")
+        x = b.Add(x, _moe(b, w, cfg, i, h) if cfg.layer_is_moe(i) else _mlp(b, w, p + "mlp.", h),
+                  _name=p + "resid_mlp")
+    h = b.RMSNormalization(x, w("norm"), epsilon=cfg.rms_norm_eps, _name="final_norm")
+    if cfg.tie_word_embeddings:  # Gemm reads the shared [V, d] table transposed, no copy
+        flat = b.Reshape(h, b.const([-1, cfg.hidden_size]))
+        b.Reshape(b.Gemm(flat, w("embed_tokens"), transB=1),
+                  b.Concat(b.Shape(h, end=2), b.const([cfg.vocab_size]), axis=0), _name=mf.LOGITS)
+    else:
+        b.MatMul(h, w("lm_head"), _name=mf.LOGITS)
+
+    used = {n.op_type for n in b.nodes if n.domain == mf.PERSEUS_DOMAIN}
+    graph = helper.make_graph(b.nodes, "perseus", inputs, outputs,
+                              initializer=[numpy_helper.from_array(a, n) for n, a in b.weights.items()])
+    model = helper.make_model(graph, producer_name=PRODUCER, ir_version=IR_VERSION, functions=[
+        ops.FUNCTIONS[name]() for name in sorted(used)], opset_imports=[
+        helper.make_opsetid("", OPSET), helper.make_opsetid(mf.PERSEUS_DOMAIN, 1)])
+    return model
+
+
+def _latent_attention(b: Builder, w, cfg: ModelConfig, i: int, h: str) -> str:
+    p = f"layers.{i}.attn."
+    if cfg.q_lora_rank:
+        q_a = b.MatMul(h, w(p + "q_a_proj"))
+        q = b.MatMul(b.RMSNormalization(q_a, w(p + "q_a_norm"), epsilon=cfg.rms_norm_eps), w(p + "q_b_proj"))
+    else:
+        q = b.MatMul(h, w(p + "q_proj"), _name=p + "q")
+    kv = b.MatMul(h, w(p + "kv_a_proj"), _name=p + "kv_a")
+    c_kv, k_rope = mf.cache_slots(True)
+    out, *_ = b.op(
+        mf.OP_LATENT_ATTENTION, q, kv, mf.POSITION, w("rope.cos"), w("rope.sin"),
+        mf.past_name(i, c_kv), mf.past_name(i, k_rope), w(p + "kv_norm"), w(p + "w_uk"), w(p + "w_uv"),
+        _domain=mf.PERSEUS_DOMAIN,
+        _outputs=[p + "out", mf.present_name(i, c_kv), mf.present_name(i, k_rope)],
+        num_heads=cfg.num_attention_heads, scale=cfg.qk_head_dim ** -0.5, epsilon=cfg.rms_norm_eps)
+    return out
+
+
+def _attention(b: Builder, w, cfg: ModelConfig, i: int, h: str) -> str:
+    p = f"layers.{i}.attn."
+    key, value = mf.cache_slots(False)
+    q, k, v = (b.MatMul(h, w(p + name), _name=p + name[0]) for name in ("q_proj", "k_proj", "v_proj"))
+    out, *_ = b.op(
+        mf.OP_ATTENTION, q, k, v, mf.POSITION, w("rope.cos"), w("rope.sin"),
+        mf.past_name(i, key), mf.past_name(i, value), _domain=mf.PERSEUS_DOMAIN,
+        _outputs=[p + "out", mf.present_name(i, key), mf.present_name(i, value)],
+        num_heads=cfg.num_attention_heads, scale=cfg.head_dim ** -0.5)
+    return out
+
+
+def _mlp(b: Builder, w, p: str, h: str) -> str:
+    """SwiGLU: down(silu(gate(h)) * up(h)); a dense layer or the fused shared experts."""
+    act = b.Mul(b.Swish(b.MatMul(h, w(p + "gate_proj"))), b.MatMul(h, w(p + "up_proj")), _name=p + "act")
+    return b.MatMul(act, w(p + "down_proj"), _name=p + "out")
+
+
+def _moe(b: Builder, w, cfg: ModelConfig, i: int, h: str) -> str:
+    p = f"layers.{i}.mlp."
+    routed = b.op(mf.OP_MOE, h, w(p + "router"), w(p + "router_bias"), w(p + "experts.gate_proj"),
+                  w(p + "experts.up_proj"), w(p + "experts.down_proj"), _domain=mf.PERSEUS_DOMAIN,
+                  _name=p + "routed", top_k=cfg.num_experts_per_tok, normalize=int(cfg.norm_topk_prob),
+                  scaling=float(cfg.routed_scaling_factor))
+    if not cfg.n_shared_experts:
+        return routed
+    return b.Add(routed, _mlp(b, w, p + "shared.", h), _name=p + "out")

@@ -1,0 +1,57 @@
+"""Export CLI commands: `perseus export` and `perseus inspect`.
+
+torch and onnx are imported inside the commands, so the CLI starts on a torch-free install
+(`inspect` needs onnx only).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from perseus_edge.errors import PerseusError
+
+
+def export(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder (config.json, safetensors, tokenizer, manifest)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Model folder to write."),
+    target: str = typer.Option("portable", "--target",
+                               help="portable (standard ONNX + perseus functions) or ort-cpu "
+                                    "(also onnxruntime CPU kernels where they measure faster)."),
+    max_context: Optional[int] = typer.Option(None, "--max-context",
+                                              help="Cache rows (default and maximum: max_position_embeddings)."),
+    force: bool = typer.Option(False, "--force", help="Replace the output folder whatever it holds."),
+) -> None:
+    """Export a checkpoint as a deployable ONNX model folder (graph, config, tokenizer, manifest)."""
+    from perseus_edge.export import TARGETS, export_checkpoint
+
+    if target not in TARGETS:  # before torch is imported
+        raise PerseusError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    start = time.perf_counter()
+    out = export_checkpoint(checkpoint, output, target=target, max_context=max_context, force=force)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    print(f"exported {checkpoint} -> {out} ({target}, {size / 2**20:.1f} MiB) "
+          f"in {time.perf_counter() - start:.1f}s")
+    print(f"inspect it with: perseus inspect {out}")
+
+
+def inspect(model_dir: Path = typer.Argument(..., help="Exported model folder.")) -> None:
+    """Summarise a model folder: config, files, opsets, and an operator histogram."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise PerseusError("inspect needs the onnx package: pip install onnx") from None
+    from perseus_edge.export.inspect import inspect_folder
+
+    report, problem = inspect_folder(model_dir)
+    print(report)
+    if problem:
+        raise PerseusError(problem)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(export)
+    app.command()(inspect)

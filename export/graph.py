@@ -1,0 +1,91 @@
+"""A small ONNX graph builder: fresh names, constants, weights and attribute references.
+
+The exporter writes the graph directly from the checkpoint weights (the onnxruntime-genai
+builder approach) instead of tracing PyTorch, and this is the one helper it needs. Calls read
+like onnxscript (`b.MatMul(x, w)`), but everything is plain `onnx.helper`, so what is emitted is
+exactly what is written. The same builder writes function bodies, where an attribute can refer
+to an attribute of the calling node (`Ref("scale")`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+OPSET = 24  # TensorScatter (the in-place cache write) is new in opset 24
+IR_VERSION = 11  # the IR version of onnx 1.19, which introduced opset 24
+DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64,
+          np.dtype(np.float16): TensorProto.FLOAT16, np.dtype(np.bool_): TensorProto.BOOL}
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Inside a function body: the value of the calling node's attribute `name`."""
+
+    name: str
+    type: int = AttributeProto.FLOAT
+
+
+class Builder:
+    """Collects nodes (and, for a graph, weights); `b.Op(*inputs, **attrs)` emits one node.
+
+    Inputs are value names ("" for an omitted optional input). A node returns its output name,
+    or a list of names when it has several: `_outputs` is their count, or the names themselves.
+    `_name` picks a readable name for a single output.
+    """
+
+    def __init__(self, scope: str = ""):
+        self.scope = scope
+        self.nodes: list[onnx.NodeProto] = []
+        self.weights: dict[str, np.ndarray] = {}
+        self._count: dict[str, int] = {}
+
+    def fresh(self, hint: str) -> str:
+        """A new name: `hint` under the scope, numbered from its second use."""
+        name = f"{self.scope}/{hint}" if self.scope else hint
+        n = self._count.get(name, 0)
+        self._count[name] = n + 1
+        return name if n == 0 else f"{name}_{n}"
+
+    def op(self, op_type: str, *inputs: str, _outputs: int | list[str] = 1, _name: str | None = None,
+           _domain: str = "", **attrs):
+        outs = (list(_outputs) if isinstance(_outputs, list)
+                else [self.fresh(_name or op_type.lower()) for _ in range(_outputs)])
+        plain = {k: v for k, v in attrs.items() if not isinstance(v, Ref)}
+        node = helper.make_node(op_type, list(inputs), outs, name=self.fresh(op_type if self.scope else f"/{op_type}"),
+                                domain=_domain, **plain)
+        for key, ref in attrs.items():
+            if isinstance(ref, Ref):
+                node.attribute.append(helper.make_attribute_ref(key, ref.type, ref_attr_name=ref.name))
+        self.nodes.append(node)
+        return outs[0] if len(outs) == 1 else outs
+
+    def __getattr__(self, op_type: str):
+        if not op_type[:1].isupper():
+            raise AttributeError(op_type)
+        return lambda *inputs, **attrs: self.op(op_type, *inputs, **attrs)
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small constant as a Constant node (function bodies cannot hold initializers)."""
+        array = np.asarray(value, dtype=dtype)
+        return self.op("Constant", value=numpy_helper.from_array(array), _name="const")
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """A named initializer of the main graph."""
+        if name in self.weights:
+            raise ValueError(f"duplicate weight {name}")
+        self.weights[name] = np.ascontiguousarray(array)
+        return name
+
+    def function(self, domain: str, name: str, inputs: list[str], outputs: list[str],
+                 attributes: list[str], doc: str) -> onnx.FunctionProto:
+        return helper.make_function(domain, name, inputs, outputs, self.nodes,
+                                    opset_imports=[helper.make_opsetid("", OPSET)],
+                                    attributes=attributes, doc_string=doc)
+
+
+def value_info(name: str, dtype, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, DTYPES[np.dtype(dtype)], shape)

@@ -1,0 +1,103 @@
+"""Stage `lower`: optional rewrites of `perseus` ops into faster onnxruntime kernels.
+
+`portable` (the default) keeps the graph as built: standard opset-24 operators plus the perseus
+functions, runnable by any ONNX runtime. `ort-cpu` applies the rewrites below, each a function
+ModelProto -> ModelProto. A rewrite stays in this list only while it measures faster than the
+portable graph on onnxruntime's CPU provider (`python -m perseus_edge.export.measure`, numbers in
+export/README.md); the candidates that did not pay off are described there, not kept here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from perseus_edge import modelfile as mf
+from perseus_edge.export.graph import Builder
+
+MS_DOMAIN = "com.microsoft"
+
+
+def moe_to_ort(model: onnx.ModelProto) -> int:
+    """perseus.MoE -> routing in standard ops + com.microsoft.MoE (sparse: selected experts only).
+
+    ORT's kernel routes by a softmax over its `router_probs` input, which cannot express
+    sigmoid scores with a selection-only bias. So the routing stays ours (TopK on biased scores)
+    and the kernel gets logits that reproduce our weights exactly: log(score) on the selected
+    experts, -1e9 elsewhere; its softmax + top-k then yields score_i / sum(selected scores).
+    Experts become fc1 [E, 2F, d] (gate and up rows interleaved, its fused-SwiGLU layout with
+    alpha 1, beta 0, no clamp: silu(gate) * up) and fc2 [E, d, F].
+    Returns the number of nodes rewritten.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, count = [], 0
+    for node in model.graph.node:
+        if (node.domain, node.op_type) != (mf.PERSEUS_DOMAIN, mf.OP_MOE):
+            nodes.append(node)
+            continue
+        count += 1
+        x, router, bias, w_gate, w_up, w_down = node.input
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        gate, up, down = (numpy_helper.to_array(inits[n]) for n in (w_gate, w_up, w_down))
+        n_experts = numpy_helper.to_array(inits[router]).shape[1]
+        d, f = gate.shape[0], gate.shape[1] // n_experts
+        fc1 = np.empty((n_experts, 2 * f, d), np.float32)
+        fc1[:, 0::2] = gate.reshape(d, n_experts, f).transpose(1, 2, 0)
+        fc1[:, 1::2] = up.reshape(d, n_experts, f).transpose(1, 2, 0)
+        fc2 = down.reshape(n_experts, f, d).transpose(0, 2, 1)
+        prefix = w_gate.rsplit("gate_proj", 1)[0]
+        fc1_name, fc2_name = prefix + "fc1", prefix + "fc2"
+        model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(fc1), fc1_name),
+                                        numpy_helper.from_array(np.ascontiguousarray(fc2), fc2_name)])
+
+        b = Builder(scope=node.output[0])
+        x = b.Reshape(x, b.const([-1, d]), _name="tokens")  # the kernel wants [N, d] and [N, E]
+        scores = b.Sigmoid(b.MatMul(x, router))
+        _, idx = b.TopK(b.Add(scores, bias), b.const([attrs["top_k"]]), axis=-1, _outputs=2)
+        chosen = b.GatherElements(scores, idx, axis=-1)
+        floor = numpy_helper.from_array(np.array([-1e9], np.float32))
+        logits = b.ScatterElements(b.ConstantOfShape(b.Shape(scores), value=floor), idx, b.Log(chosen),
+                                   axis=-1, _name="router_logits")
+        y = b.op("MoE", x, logits, fc1_name, "", fc2_name, _domain=MS_DOMAIN, k=attrs["top_k"],
+                 activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                 swiglu_limit=float("inf"), normalize_routing_weights=1)
+        # the kernel's weights sum to one; undo that when the model does not normalise
+        scale = b.const(attrs["scaling"], np.float32)
+        if not attrs["normalize"]:
+            scale = b.Mul(b.ReduceSum(chosen, b.const([-1]), keepdims=1), scale)
+        b.Reshape(b.Mul(y, scale), b.Shape(node.input[0]), _outputs=[node.output[0]])
+        nodes.extend(b.nodes)
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        _ensure_opset(model, MS_DOMAIN, 1)
+    return count
+
+
+REWRITES = {"ort-cpu": [moe_to_ort]}
+
+
+def lower(model: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, list[str]]:
+    """Apply the target's rewrites; returns the model and the names of those that changed it."""
+    applied = [rewrite.__name__ for rewrite in REWRITES.get(target, []) if rewrite(model)]
+    if applied:
+        _drop_unused(model)
+    return model, applied
+
+
+def _ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    """Remove initializers and local functions that no node refers to any more."""
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    called = {(n.domain, n.op_type) for n in model.graph.node}
+    funcs = [f for f in model.functions if (f.domain, f.name) in called]
+    del model.functions[:]
+    model.functions.extend(funcs)

@@ -1,0 +1,127 @@
+"""Decode latency of exported graphs: portable vs lowered, near vs far in the context.
+
+    python -m perseus_edge.export.measure                        # 17m moe-mla-rope, random weights
+    python -m perseus_edge.export.measure --arch mha --threads 1 --positions 16 1000
+    python -m perseus_edge.export.measure --checkpoint CKPT      # a real checkpoint instead
+
+For every target it exports the checkpoint (random `preset` weights unless --checkpoint) and
+times, through the in-place IO binding the runtime uses: `pp{N}` a prefill of N tokens, and
+`tg@{p}` single-token decode steps at positions p, p+1, ... (the cache content does not change
+the cost, so no long prompt is needed to measure far positions). `--copy` adds the same decode
+with present.* not bound to past.*, i.e. the whole cache copied each step, for contrast.
+Targets run in alternating rounds so machine noise hits them alike; the table (llama-bench
+style) gives the median over rounds and the spread between the fastest and slowest round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from perseus_edge.export import TARGETS, export_checkpoint
+from perseus_edge.export.session import CachedSession
+
+
+def random_checkpoint(folder: Path, preset_name: str, arch: str, seed: int = 0) -> Path:
+    """A checkpoint of `preset` with random weights (router biases perturbed, as after training)."""
+    import torch
+
+    from perseus_edge.checkpoint import save_checkpoint
+    from perseus_edge.model.config import preset
+    from perseus_edge.model.transformer import PerseusLM
+    from perseus_edge.tokenizer import DEFAULT_TOKENIZER
+
+    torch.manual_seed(seed)
+    model = PerseusLM(preset(preset_name, arch))
+    for router in model.routers():
+        router.e_score_correction_bias.normal_(0, 0.05)
+    return save_checkpoint(folder / "ckpt", model, DEFAULT_TOKENIZER)
+
+
+def time_decode(session: CachedSession, position: int, steps: int) -> float:
+    """Median seconds of one decode step at positions position.. ."""
+    token = np.zeros((1, 1), np.int64)
+    session(token, position)  # warm-up
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        session(token, position + i)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_prefill(session: CachedSession, tokens: int, repeats: int = 3) -> float:
+    ids = np.arange(tokens, dtype=np.int64)[None] % 256
+    session(ids, 0)
+    return min(_timed(session, ids) for _ in range(repeats))
+
+
+def _timed(session: CachedSession, ids: np.ndarray) -> float:
+    start = time.perf_counter()
+    session(ids, 0)
+    return time.perf_counter() - start
+
+
+def measure(ckpt: Path, workdir: Path, targets: list[str], positions: list[int], steps: int, rounds: int,
+            prefill: int, threads: int | None, copy: bool) -> list[dict]:
+    sessions = {}
+    for target in targets:
+        folder = export_checkpoint(ckpt, workdir / target, target=target, force=True)
+        sessions[(target, True)] = CachedSession(folder / "model.onnx", threads=threads)
+        if copy:
+            sessions[(target, False)] = CachedSession(folder / "model.onnx", threads=threads, inplace=False)
+    tests = [("pp", prefill)] if prefill else []
+    context = next(iter(sessions.values())).max_context
+    tests += [("tg", min(p, context - steps - 1)) for p in positions]  # steps stay inside the cache
+    samples: dict[tuple, list[float]] = {}
+    for _ in range(rounds):
+        for (target, inplace), session in sessions.items():
+            for kind, n in tests:
+                if kind == "pp" and not inplace:
+                    continue
+                t = time_prefill(session, n) / n if kind == "pp" else time_decode(session, n, steps)
+                samples.setdefault((target, inplace, kind, n), []).append(t)
+    rows = []
+    for (target, inplace, kind, n), ts in samples.items():
+        test = f"pp{n}" if kind == "pp" else f"tg@{n}" + ("" if inplace else " copy")
+        rows.append({"target": target, "test": test, "ms": 1e3 * statistics.median(ts),
+                     "spread": 1e3 * (max(ts) - min(ts)), "tok_s": 1 / statistics.median(ts)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m perseus_edge.export.measure", description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: random --preset weights)")
+    ap.add_argument("--preset", default="17m")
+    ap.add_argument("--arch", default="moe-mla-rope")
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    ap.add_argument("--positions", nargs="+", type=int, default=[16, 1000])
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per position and round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prefill", type=int, default=128, help="prefill length (0: skip)")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's)")
+    ap.add_argument("--copy", action="store_true", help="also time decode without the in-place binding")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="perseus-measure-") as tmp:
+        tmp = Path(tmp)
+        ckpt = args.checkpoint or random_checkpoint(tmp, args.preset, args.arch)
+        name = args.checkpoint.name if args.checkpoint else f"{args.preset} {args.arch}"
+        rows = measure(ckpt, tmp, args.targets, args.positions, args.steps, args.rounds, args.prefill,
+                       args.threads, args.copy)
+    import onnxruntime as ort
+
+    print(f"model: {name}; onnxruntime {ort.__version__} CPU; threads {args.threads or 'default'}; "
+          f"{args.rounds} rounds x {args.steps} steps")
+    print(f"| {'target':<9} | {'test':<12} | {'ms/token':>9} | {'spread':>7} | {'t/s':>8} |")
+    print(f"| {'-' * 9} | {'-' * 12} | {'-' * 9}:| {'-' * 7}:| {'-' * 8}:|")
+    for r in rows:
+        print(f"| {r['target']:<9} | {r['test']:<12} | {r['ms']:>9.3f} | {r['spread']:>7.3f} | {r['tok_s']:>8.1f} |")
+
+
+if __name__ == "__main__":
+    main()

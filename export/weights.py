@@ -1,0 +1,97 @@
+"""Stage `prepare`: the checkpoint's tensors in the layouts the graph consumes.
+
+Everything the graph needs is computed here, once, at export time:
+- linear layers transposed to [in, out], ONNX MatMul's layout (PyTorch stores [out, in]);
+- RoPE lanes: DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ...; permuting the rope
+  rows of the projections to [even | odd] lanes lets the graph rotate halves (two slices
+  instead of strided gathers) and still yields exactly the k_rope the PyTorch model caches;
+- MLA absorption: W_UK [H, nope, r] and W_UV^T [H, r, v], the per-head blocks of kv_b_proj
+  that the absorbed attention applies to the query and to the attended latent;
+- MoE: the routed experts side by side ([d, E*F], [E*F, d]) so an expert projection is one GEMM;
+- RoPE tables cos/sin [max_context, rope_dim / 2], from the model's own `rope_cos_sin`.
+
+Tensor names are short and stable (`layers.3.attn.w_uk`); `names()` lists what each layer uses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from perseus_edge.model.config import ModelConfig
+from perseus_edge.model.transformer import PerseusLM, rope_cos_sin
+
+
+def rope_rows(heads: int, head_dim: int, rope_dim: int, offset: int) -> np.ndarray:
+    """Row order of a [heads * head_dim, in] projection that puts each head's rope lanes
+    (rows offset..offset+rope_dim) as [even lanes | odd lanes], everything else unchanged."""
+    lanes = np.concatenate([np.arange(0, rope_dim, 2), np.arange(1, rope_dim, 2)]) + offset
+    head = np.concatenate([np.arange(offset), lanes, np.arange(offset + rope_dim, head_dim)])
+    return (np.arange(heads)[:, None] * head_dim + head).ravel()
+
+
+def prepare(model: PerseusLM, max_context: int) -> dict[str, np.ndarray]:
+    """All graph tensors of `model`, as float32 numpy arrays keyed by graph name."""
+    cfg = model.cfg
+    sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    out: dict[str, np.ndarray] = {"embed_tokens": sd["model.embed_tokens.weight"],
+                                  "norm": sd["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = sd["lm_head.weight"].T
+    rope_dim = model.rope_dim()
+    cos, sin = rope_cos_sin(torch.arange(max_context), rope_dim, cfg.rope_theta)
+    out["rope.cos"], out["rope.sin"] = cos.numpy(), sin.numpy()
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        out[dst + "input_norm"] = sd[src + "input_layernorm.weight"]
+        out[dst + "post_norm"] = sd[src + "post_attention_layernorm.weight"]
+        attn = _mla_weights(cfg, sd, src + "self_attn.") if cfg.is_mla else _mha_weights(cfg, sd, src + "self_attn.")
+        out.update({dst + "attn." + k: v for k, v in attn.items()})
+        ffn = _moe_weights(cfg, sd, src + "mlp.") if cfg.layer_is_moe(i) else _mlp_weights(sd, src + "mlp.")
+        out.update({dst + "mlp." + k: v for k, v in ffn.items()})
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def _mla_weights(cfg: ModelConfig, sd: dict, p: str) -> dict[str, np.ndarray]:
+    h, nope, rope, r, v = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                           cfg.kv_lora_rank, cfg.v_head_dim)
+    q_rows = rope_rows(h, nope + rope, rope, nope)
+    out = {}
+    if cfg.q_lora_rank:
+        out["q_a_proj"] = sd[p + "q_a_proj.weight"].T
+        out["q_a_norm"] = sd[p + "q_a_layernorm.weight"]
+        out["q_b_proj"] = sd[p + "q_b_proj.weight"][q_rows].T
+    else:
+        out["q_proj"] = sd[p + "q_proj.weight"][q_rows].T
+    out["kv_a_proj"] = sd[p + "kv_a_proj_with_mqa.weight"][rope_rows(1, r + rope, rope, r)].T
+    out["kv_norm"] = sd[p + "kv_a_layernorm.weight"]
+    kv_b = sd[p + "kv_b_proj.weight"].reshape(h, nope + v, r)
+    out["w_uk"] = kv_b[:, :nope]  # [H, nope, r]: q_lat = q_nope @ W_UK
+    out["w_uv"] = kv_b[:, nope:].transpose(0, 2, 1)  # [H, r, v]: out = latent @ W_UV^T
+    out["o_proj"] = sd[p + "o_proj.weight"].T
+    return out
+
+
+def _mha_weights(cfg: ModelConfig, sd: dict, p: str) -> dict[str, np.ndarray]:
+    rows = rope_rows(cfg.num_attention_heads, cfg.head_dim, cfg.head_dim, 0)
+    return {"q_proj": sd[p + "q_proj.weight"][rows].T, "k_proj": sd[p + "k_proj.weight"][rows].T,
+            "v_proj": sd[p + "v_proj.weight"].T, "o_proj": sd[p + "o_proj.weight"].T}
+
+
+def _mlp_weights(sd: dict, p: str) -> dict[str, np.ndarray]:
+    return {name: sd[f"{p}{name}.weight"].T for name in ("gate_proj", "up_proj", "down_proj")}
+
+
+def _moe_weights(cfg: ModelConfig, sd: dict, p: str) -> dict[str, np.ndarray]:
+    experts = range(cfg.n_routed_experts)
+
+    def side_by_side(name: str, axis: int) -> np.ndarray:
+        return np.concatenate([sd[f"{p}experts.{e}.{name}.weight"].T for e in experts], axis=axis)
+
+    out = {"router": sd[p + "gate.weight"].T, "router_bias": sd[p + "gate.e_score_correction_bias"],
+           "experts.gate_proj": side_by_side("gate_proj", 1),  # [d, E*F]
+           "experts.up_proj": side_by_side("up_proj", 1),
+           "experts.down_proj": side_by_side("down_proj", 0)}  # [E*F, d]
+    if cfg.n_shared_experts:
+        out.update({"shared." + k: v for k, v in _mlp_weights(sd, p + "shared_experts.").items()})
+    return out

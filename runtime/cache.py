@@ -1,0 +1,53 @@
+"""The latent KV cache: one preallocated buffer per cache slot, updated in place by the graph.
+
+Each buffer is a numpy array of [batch, max_context, width] allocated once, wrapped (not copied)
+by an ORT OrtValue. Through IO binding the graph's `past.{i}.{slot}` input and its
+`present.{i}.{slot}` output are bound to the *same* OrtValue, so each run writes only the rows of
+the new tokens into memory that already holds the older ones: no per-token allocation, no copy
+of the whole cache, and the numpy view always shows the current state.
+
+MLA layers cache the latent c_kv (kv_lora_rank) and the shared RoPE key (qk_rope_head_dim) per
+token, MHA layers the full K and V: `nbytes` is what `perseus info` predicts.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from perseus_edge.runtime.session import CacheSpec
+
+
+class KVCache:
+    def __init__(self, specs: Sequence[CacheSpec], context: int, batch: int = 1):
+        import onnxruntime as ort
+
+        self.specs = list(specs)
+        self.context = context
+        self.batch = batch
+        # zeros: rows past the current position are masked by the graph, but must stay finite
+        self.arrays = [np.zeros((batch, context, s.width), dtype=s.dtype) for s in self.specs]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
+
+    def bind(self, binding) -> None:
+        """past.* and present.* of every slot -> the same OrtValue (in-place update)."""
+        for spec, value in zip(self.specs, self.values):
+            binding.bind_ortvalue_input(spec.past, value)
+            binding.bind_ortvalue_output(spec.present, value)
+
+    def reset(self) -> None:
+        for a in self.arrays:
+            a.fill(0)
+
+    def data_ptrs(self) -> list[int]:
+        """Addresses of the buffers ORT reads and writes (constant for the cache's lifetime)."""
+        return [v.data_ptr() for v in self.values]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def __repr__(self) -> str:
+        return (f"KVCache({len(self.arrays)} buffers, batch {self.batch}, context {self.context}, "
+                f"{self.nbytes / 2**20:.2f} MiB)")

@@ -1,0 +1,214 @@
+"""Open a model folder: check it, read its config and tokenizer, create the ONNX Runtime session.
+
+    folder = open_folder(path)                   # manifest sha256s, config, tokenizer, vocab check
+    session = create_session(folder, threads=1, low_memory=True)
+    spec = GraphSpec.from_session(session, folder)  # cache buffers, context, vocab, as the graph says
+
+The graph contract (input/output names) is `perseus_edge.modelfile`; nothing here is torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from perseus_edge import modelfile as mf
+from perseus_edge.errors import PerseusError
+from perseus_edge.manifest import read_manifest, verify_folder
+from perseus_edge.model.config import ModelConfig
+from perseus_edge.tokenizer import EOS, check_vocab, load_tokenizer
+
+FORMATS = ("auto", "onnx", "ort")
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+              "tensor(bfloat16)": None, "tensor(double)": np.float64}
+
+
+@dataclass
+class ModelFolder:
+    """Everything in a model folder except the graph itself."""
+
+    path: Path
+    manifest: dict
+    config: ModelConfig
+    generation: dict  # generation_config.json ({} when absent)
+    tokenizer: object  # tokenizers.Tokenizer
+    graph: Path  # model.onnx or model.ort
+    format: str  # "onnx" or "ort"
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """End-of-sequence ids: generation_config's eos_token_id, else the tokenizer's EOS."""
+        eos = self.generation.get("eos_token_id")
+        if eos is None:
+            eos = self.tokenizer.token_to_id(EOS)
+        ids = eos if isinstance(eos, list) else [eos]
+        return [int(i) for i in ids if i is not None]
+
+
+def _load_config(path: Path) -> ModelConfig:
+    """config.json as written by the exporter (the checkpoint's, HF keys included)."""
+    if not path.is_file():
+        raise PerseusError(f"config not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PerseusError(f"{path} is not valid JSON ({e})") from None
+    if "arch" not in data:
+        raise PerseusError(f"{path} has no 'arch' key: not a perseus model config")
+    if data.get("model_type") == "deepseek_v3" and data["arch"] == "mla-dense":
+        data["first_k_dense_replace"] = 0  # HF spelling of "every layer dense"
+    return ModelConfig.from_dict(data)
+
+
+def open_folder(path: str | os.PathLike, format: str = "auto", verify: bool = True) -> ModelFolder:
+    """Check a model folder and load its small files. `format`: auto (onnx if present), onnx, ort."""
+    path = Path(path)
+    if format not in FORMATS:
+        raise PerseusError(f"unknown model format {format!r} (choose from {', '.join(FORMATS)})")
+    manifest = read_manifest(path)  # clear errors for a missing folder / missing manifest
+    kind = str(manifest.get("kind", ""))
+    if kind == "checkpoint":
+        raise PerseusError(f"{path} is a training checkpoint, not a model folder: "
+                           f"run `perseus export {path} -o OUT` first")
+    if not kind.startswith("onnx"):
+        raise PerseusError(f"{path} holds a {kind!r} folder, expected an exported ONNX model folder")
+    if verify:
+        manifest = verify_folder(path)
+    onnx_path, ort_path = path / mf.MODEL_ONNX, path / mf.MODEL_ORT
+    if format == "auto":
+        format = "onnx" if onnx_path.is_file() else "ort"
+    graph = onnx_path if format == "onnx" else ort_path
+    if not graph.is_file():
+        hint = " (create it with `perseus to-ort`)" if format == "ort" else ""
+        raise PerseusError(f"{path} has no {graph.name}{hint}")
+    if verify and graph.name not in manifest.get("files", {}):
+        raise PerseusError(f"{path}: {graph.name} is not listed in the manifest (unverified file)")
+    config = _load_config(path / mf.CONFIG)
+    generation = {}
+    gpath = path / mf.GENERATION_CONFIG
+    if gpath.is_file():
+        try:
+            generation = json.loads(gpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PerseusError(f"{gpath} is not valid JSON ({e})") from None
+    tokenizer = load_tokenizer(path / mf.TOKENIZER)
+    check_vocab(tokenizer, config.vocab_size, where=f"the model in {path}")
+    return ModelFolder(path, manifest, config, generation, tokenizer, graph, format)
+
+
+# ----------------------------------------------------------------------------- the ORT session
+def default_threads() -> int:
+    """ORT's own default: one intra-op thread per physical core."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except Exception:  # noqa: BLE001
+        return os.cpu_count() or 1
+
+
+def session_options(threads: int | None = None, low_memory: bool = False):
+    """SessionOptions: `threads` intra-op threads (None = one per core), sequential execution.
+
+    low_memory (mobile-class devices):
+      - no CPU memory arena: freed activations go back to the OS instead of a growing pool
+      - no memory pattern planning: no pre-sized block per input shape
+      - initializers allocated with the device allocator directly (not through the arena)
+      - no weight prepacking: MatMul keeps one copy of each weight instead of a packed second one
+    Weights in model.onnx.data are memory-mapped by ORT where the file layout allows it.
+    """
+    import onnxruntime as ort
+
+    if threads is not None and threads < 1:
+        raise PerseusError(f"--threads must be at least 1, got {threads}")
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # fatal only: failures come back as exceptions, reported once
+    so.intra_op_num_threads = threads or 0
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads == 1:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if low_memory:
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
+        so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
+def create_session(folder: ModelFolder, threads: int | None = None, low_memory: bool = False):
+    """An InferenceSession on the CPU execution provider for the folder's graph (.onnx or .ort)."""
+    import onnxruntime as ort
+
+    so = session_options(threads, low_memory)
+    if folder.format == "ort":
+        so.add_session_config_entry("session.load_model_format", "ORT")
+    try:
+        return ort.InferenceSession(str(folder.graph), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types, all with a message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+        raise PerseusError(f"onnxruntime cannot load {folder.graph}: {first}") from None
+
+
+# ----------------------------------------------------------------------------- graph contract
+@dataclass
+class CacheSpec:
+    past: str  # input name, e.g. past.0.c_kv
+    present: str  # output name bound to the same buffer
+    width: int  # last dimension
+    dtype: type
+
+
+@dataclass
+class GraphSpec:
+    """The graph's interface as ORT reports it, checked against `perseus_edge.modelfile`."""
+
+    caches: list[CacheSpec] = field(default_factory=list)
+    max_context: int = 0
+    vocab_size: int = 0
+    logits_dtype: type = np.float32
+
+    @classmethod
+    def from_session(cls, session, folder: ModelFolder) -> "GraphSpec":
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        where = folder.graph
+        for name in (mf.INPUT_IDS, mf.POSITION):
+            if name not in inputs:
+                raise PerseusError(f"{where} has no input {name!r}: not a perseus graph")
+        if mf.LOGITS not in outputs:
+            raise PerseusError(f"{where} has no output {mf.LOGITS!r}: not a perseus graph")
+        cfg = folder.config
+        caches, contexts = [], set()
+        for layer in range(cfg.num_hidden_layers):
+            for slot in mf.cache_slots(cfg.is_mla):
+                past, present = mf.past_name(layer, slot), mf.present_name(layer, slot)
+                if past not in inputs or present not in outputs:
+                    raise PerseusError(f"{where} lacks cache {past} / {present} "
+                                       f"(config.json and graph disagree)")
+                shape, kind = inputs[past].shape, inputs[past].type
+                dtype = _ORT_TYPES.get(kind)
+                if dtype is None or len(shape) != 3 or not isinstance(shape[2], int):
+                    raise PerseusError(f"{where}: cache input {past} is {kind} {shape}, "
+                                       f"expected float [batch, context, width]")
+                if isinstance(shape[1], int):
+                    contexts.add(shape[1])
+                caches.append(CacheSpec(past, present, shape[2], dtype))
+        if len(contexts) > 1:
+            raise PerseusError(f"{where}: cache inputs disagree on the context length {sorted(contexts)}")
+        max_context = (contexts.pop() if contexts
+                       else int(folder.generation.get("max_context") or cfg.max_position_embeddings))
+        vshape = outputs[mf.LOGITS].shape
+        vocab = vshape[-1] if vshape and isinstance(vshape[-1], int) else cfg.vocab_size
+        if vocab != cfg.vocab_size:
+            raise PerseusError(f"{where}: logits have {vocab} entries but config.json says "
+                               f"vocab_size {cfg.vocab_size}")
+        logits_dtype = _ORT_TYPES.get(outputs[mf.LOGITS].type) or np.float32
+        return cls(caches, max_context, vocab, logits_dtype)
