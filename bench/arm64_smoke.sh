@@ -56,7 +56,14 @@ if [ ! -x "$ROOT/usr/bin/python3" ]; then
     fi
 fi
 cp "$QEMU" "$ROOT/usr/bin/"
-arm() { chroot "$ROOT" /usr/bin/qemu-aarch64-static "$@"; }
+# onnxruntime resolves external-data files through /proc/self/fd: the root needs a /proc
+mounted=""
+cleanup() { if [ -n "$mounted" ]; then umount "$ROOT/proc" || true; fi; }
+trap cleanup EXIT
+if ! mountpoint -q "$ROOT/proc"; then mount -t proc proc "$ROOT/proc" && mounted=1; fi
+# the host's env sets the guest's environment (an arm64 /usr/bin/env could not exec without
+# binfmt); the host's pip settings (local indexes, find-links) are not the guest's
+arm() { env -u PIP_FIND_LINKS -u PIP_CERT PIP_CONFIG_FILE=/dev/null chroot "$ROOT" /usr/bin/qemu-aarch64-static "$@"; }
 arm /usr/bin/python3 -c "import platform, sys; assert platform.machine() == 'aarch64', platform.machine(); print(sys.version)" >/dev/null
 log "arm64 python: $(arm /usr/bin/python3 -c 'import platform, sys; print(platform.machine(), sys.version.split()[0])')"
 
@@ -103,7 +110,10 @@ from pathlib import Path
 import torch
 
 from perseus_edge.checkpoint import save_checkpoint
-from perseus_edge.export import export_checkpoint
+try:
+    from perseus_edge.export import export_checkpoint
+except ImportError:  # public name not re-exported (older tree)
+    from perseus_edge.export.pipeline import export_checkpoint
 from perseus_edge.model.config import preset
 from perseus_edge.model.transformer import PerseusLM
 from perseus_edge.tokenizer import DEFAULT_TOKENIZER
@@ -143,9 +153,8 @@ EOF
 log "x86 run"
 x86_json=$(cd "$REPO" && "$PY" "$ROOT/opt/perseus/smoke.py" "$MODEL" "$PROMPT" "$N_TOKENS" "$WORK/logits_x86.npy")
 log "arm64 run (qemu)"
-arm_json=$(chroot "$ROOT" /usr/bin/env PYTHONPATH=/opt/perseus/src:$SITE OPENBLAS_NUM_THREADS=1 \
-    /usr/bin/qemu-aarch64-static /usr/bin/python3 /opt/perseus/smoke.py /opt/perseus/model "$PROMPT" \
-    "$N_TOKENS" /opt/perseus/logits_arm64.npy)
+arm_json=$(PYTHONPATH=/opt/perseus/src:$SITE OPENBLAS_NUM_THREADS=1 arm /usr/bin/python3 \
+    /opt/perseus/smoke.py /opt/perseus/model "$PROMPT" "$N_TOKENS" /opt/perseus/logits_arm64.npy)
 cp "$ROOT/opt/perseus/logits_arm64.npy" "$WORK/logits_arm64.npy"
 
 # ---------------------------------------------------------------------------- compare, report

@@ -82,7 +82,7 @@ def _latent_attention(b: Builder, w, cfg: ModelConfig, i: int, h: str) -> str:
         mf.past_name(i, c_kv), mf.past_name(i, k_rope), w(p + "kv_norm"), w(p + "w_uk"), w(p + "w_uv"),
         _domain=mf.PERSEUS_DOMAIN,
         _outputs=[p + "out", mf.present_name(i, c_kv), mf.present_name(i, k_rope)],
-        num_heads=cfg.num_attention_heads, scale=cfg.qk_head_dim ** -0.5, epsilon=cfg.rms_norm_eps)
+        scale=cfg.qk_head_dim ** -0.5, epsilon=cfg.rms_norm_eps)
     return out
 
 

@@ -3,11 +3,10 @@
 A function keeps the op visible by name (`perseus.LatentAttention`, `perseus.MoE`,
 `perseus.Attention` nodes in the graph) while its body, made of standard opset-24 operators,
 tells any ONNX runtime how to execute it: stock onnxruntime inlines the body, no plug-in needed.
-The `lower` stage may swap a body for faster runtime-specific kernels.
+The `lower` stage may replace an op with faster runtime-specific kernels.
 
 Shapes: B batch, T new tokens, C max_context (cache rows), S = position + T valid cache rows,
-H heads. Every size a body needs is read from its inputs' shapes, so the only attributes are the
-scalars the math needs.
+H heads. Sizes are read from the inputs' shapes; attributes hold what shapes cannot tell.
 """
 
 from __future__ import annotations
@@ -19,73 +18,54 @@ from onnx import AttributeProto
 from perseus_edge.export.graph import Builder, Ref
 from perseus_edge.modelfile import OP_ATTENTION, OP_LATENT_ATTENTION, OP_MOE, PERSEUS_DOMAIN
 
-INT, FLOAT = AttributeProto.INT, AttributeProto.FLOAT
+INT = AttributeProto.INT
 
 
 # ----------------------------------------------------------------------------- shared pieces
 def dim(b: Builder, x: str, axis: int) -> str:
-    """Size of one axis of `x` as a 1-D int64 tensor of one element."""
-    if axis == -1:
-        return b.Shape(x, start=-1)
-    return b.Shape(x, start=axis, end=axis + 1)
+    """Size of one axis of `x` as a 1-D int64 tensor of one element.
 
-
-def fold(b: Builder, x: str) -> str:
-    """[B, ..., K] -> [B, M, K]: middle axes merged so a batched MatMul is one GEMM per batch row."""
-    return b.Reshape(x, b.Concat(dim(b, x, 0), b.const([-1]), dim(b, x, -1), axis=0))
-
-
-def rope(b: Builder, x: str, cos: str, sin: str) -> str:
-    """Rotate pairs (x1[i], x2[i]) of the two halves of the last axis by the position's angles.
-
-    The exporter permutes the projection weights so that the checkpoint's interleaved pairs
-    (DeepSeek's layout) arrive as halves; the output is the same tensor the PyTorch model makes.
+    On an initializer (a weight passed in) onnxruntime folds this to a constant at load time;
+    on an activation it is a runtime op, so the bodies read those sizes once (`Step`).
     """
-    x1, x2 = b.Split(x, axis=-1, num_outputs=2, _outputs=2)
-    return b.Concat(b.Sub(b.Mul(x1, cos), b.Mul(x2, sin)),
-                    b.Add(b.Mul(x2, cos), b.Mul(x1, sin)), axis=-1, _name="roped")
+    return b.Shape(x, start=-1) if axis == -1 else b.Shape(x, start=axis, end=axis + 1)
 
 
-def positions_of(b: Builder, position: str, new: str) -> str:
-    """Absolute positions [T] of the new tokens: position + 0..T-1."""
-    t = b.Squeeze(dim(b, new, 1))
-    return b.Add(position, b.Range(b.const(0), t, b.const(1)), _name="positions")
+class Step:
+    """Where the T new tokens of `new` [B, T, ...] go; computed once per op call.
+
+    positions [T] and position_ids [B, T] (for RotaryEmbedding) are absolute positions
+    position..position+T-1; write_at [B] is TensorScatter's row index; valid [1] is S, the number
+    of cache rows attention reads; batch [1] and tokens [1] are B and T.
+    """
+
+    def __init__(self, b: Builder, new: str):
+        self.batch, self.tokens = dim(b, new, 0), dim(b, new, 1)
+        self.positions = b.Add("position", b.Range(b.const(0), b.Squeeze(self.tokens), b.const(1)),
+                               _name="positions")
+        self.position_ids = b.Expand(b.Unsqueeze(self.positions, b.const([0])),
+                                     b.Concat(self.batch, b.const([1]), axis=0), _name="position_ids")
+        self.write_at = b.Expand("position", self.batch, _name="write_at")
+        self.valid = b.Add("position", self.tokens, _name="valid_len")
 
 
-def rope_tables(b: Builder, cos_cache: str, sin_cache: str, positions: str) -> tuple[str, str]:
-    """cos and sin [T, 1, rope_dim / 2] of the new positions, broadcasting over heads."""
-    return tuple(b.Unsqueeze(b.Gather(table, positions), b.const([1]), _name=name)
-                 for table, name in ((cos_cache, "cos"), (sin_cache, "sin")))
-
-
-def write_cache(b: Builder, past: str, new: str, position: str, present: str) -> str:
+def write_cache(b: Builder, step: Step, past: str, new: str, present: str) -> str:
     """Write `new` [B, T, w] into rows position.. of the cache; return the valid rows [B, S, w].
 
     TensorScatter is what lets the runtime update the cache in place: bind `present` to the
     same buffer as `past` and nothing is copied. Attention then reads only the first
-    position + T rows, so a decode step costs O(context), not O(max_context).
+    position + T rows (one O(context) slice), so a decode step does not scale with max_context.
     """
-    at = b.Expand(position, dim(b, new, 0), _name="write_at")
-    b.TensorScatter(past, new, at, axis=1, _outputs=[present])
-    end = b.Add(position, dim(b, new, 1), _name="valid_len")
-    return b.Slice(present, b.const([0]), end, b.const([1]), _name="valid")
+    b.TensorScatter(past, new, step.write_at, axis=1, _outputs=[present])
+    return b.Slice(present, b.const([0]), step.valid, b.const([1]), _name="valid")
 
 
-def causal_softmax(b: Builder, scores: str, positions: str) -> str:
+def causal_softmax(b: Builder, step: Step, scores: str) -> str:
     """Softmax over keys [.., T, S] where key s is visible to the query at position p iff s <= p."""
-    keys = b.Range(b.const(0), b.Squeeze(dim(b, scores, -1)), b.const(1))
-    visible = b.LessOrEqual(keys, b.Unsqueeze(positions, b.const([1])), _name="causal_mask")
+    keys = b.Range(b.const(0), b.Squeeze(step.valid), b.const(1))
+    visible = b.LessOrEqual(keys, b.Unsqueeze(step.positions, b.const([1])), _name="causal_mask")
     masked = b.Where(visible, scores, b.const(-np.inf, np.float32))
     return b.Softmax(masked, axis=-1, _name="probs")
-
-
-def split_heads(b: Builder, x: str, heads: str) -> str:
-    """[B, T, H * D] -> [B, T, H, D]."""
-    return b.Reshape(x, b.Concat(b.const([0, 0]), heads, b.const([-1]), axis=0))
-
-
-def num_heads(b: Builder) -> str:
-    return b.Reshape(b.Constant(value_int=Ref("num_heads", INT)), b.const([1]), _name="num_heads")
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -96,47 +76,52 @@ def latent_attention() -> onnx.FunctionProto:
              kv [B,T,r+rope]         kv_a_proj output: latent c_kv (before its norm) | k_rope
              position [1], cos_cache / sin_cache [C, rope/2]
              past_c_kv [B,C,r], past_k_rope [B,C,rope]
-             kv_norm [r], w_uk [H,nope,r], w_uv [H,r,v]   (the per-head slices of kv_b_proj)
+             kv_norm [r], w_uk [H,nope,r], w_uv [H,r,v]   (the per-head blocks of kv_b_proj)
     outputs  out [B,T,H*v] (before o_proj), present_c_kv, present_k_rope
-    attrs    num_heads, scale (softmax scale, qk_head_dim^-0.5), epsilon (kv norm)
+    attrs    scale (softmax scale, qk_head_dim^-0.5), epsilon (of the kv norm)
 
     Keys and values are never expanded per head: W_UK maps each query head into the latent
     space (q_lat = q_nope W_UK), scores are q_lat.c_kv + q_rope.k_rope over the cache as stored,
-    and W_UV maps the attended latent back to the head's value space.
+    and W_UV maps the attended latent back to the head's value space. All heads share one
+    latent key, so heads and tokens fold into the rows of a single GEMM against the cache.
+    Head count and widths come from the weights' shapes.
     """
     b = Builder()
-    heads = num_heads(b)
-    nope, rank, rope_dim = dim(b, "w_uk", 1), dim(b, "w_uk", 2), dim(b, "past_k_rope", -1)
-    q_nope, q_rope = b.Split(split_heads(b, "q", heads), b.Concat(nope, rope_dim, axis=0),
-                             axis=-1, _outputs=2)
-    c_kv, k_rope = b.Split("kv", b.Concat(rank, rope_dim, axis=0), axis=-1, _outputs=2)
+    heads, nope, rank = (dim(b, "w_uk", axis) for axis in range(3))
+    rope = b.Mul(dim(b, "cos_cache", 1), b.const([2]), _name="rope_dim")
+    step = Step(b, "kv")
+
+    q = b.Reshape("q", b.Concat(b.const([0, 0]), heads, b.const([-1]), axis=0))
+    q_nope, q_rope = b.Split(b.Transpose(q, perm=[0, 2, 1, 3]), b.Concat(nope, rope, axis=0), axis=-1,
+                             _outputs=2)  # [B,H,T,.]
+    c_kv, k_rope = b.Split("kv", b.Concat(rank, rope, axis=0), axis=-1, _outputs=2)
     c_kv = b.RMSNormalization(c_kv, "kv_norm", axis=-1, epsilon=Ref("epsilon"), _name="c_kv")
+    q_rope = b.RotaryEmbedding(q_rope, "cos_cache", "sin_cache", step.position_ids)
+    k_rope = b.RotaryEmbedding(k_rope, "cos_cache", "sin_cache", step.position_ids, num_heads=1)
+    c_all = write_cache(b, step, "past_c_kv", c_kv, "present_c_kv")  # [B,S,r]
+    k_all = write_cache(b, step, "past_k_rope", k_rope, "present_k_rope")  # [B,S,rope]
 
-    positions = positions_of(b, "position", "kv")
-    cos, sin = rope_tables(b, "cos_cache", "sin_cache", positions)
-    q_rope = rope(b, q_rope, cos, sin)  # [B,T,H,rope]
-    k_rope = b.Squeeze(rope(b, b.Unsqueeze(k_rope, b.const([2])), cos, sin), b.const([2]))
+    scale = b.Constant(value_float=Ref("scale"))
+    q_lat = b.Mul(b.MatMul(q_nope, "w_uk"), scale, _name="q_latent")  # [B,H,T,r]
+    q_rope = b.Mul(q_rope, scale)
 
-    c_all = write_cache(b, "past_c_kv", c_kv, "position", "present_c_kv")  # [B,S,r]
-    k_all = write_cache(b, "past_k_rope", k_rope, "position", "present_k_rope")  # [B,S,rope]
+    def against(query: str, width: str, cache: str) -> str:  # [B,H,T,w] x [B,S,w] -> [B,H*T,S]
+        rows = b.Reshape(query, b.Concat(b.const([0, -1]), width, axis=0))
+        return b.MatMul(rows, b.Transpose(cache, perm=[0, 2, 1]))
 
-    # Absorbed query [B,H,T,r+rope] against keys [B,S,r+rope]: one GEMM over heads and tokens.
-    q_lat = b.MatMul(b.Transpose(q_nope, perm=[0, 2, 1, 3]), "w_uk", _name="q_latent")
-    query = b.Mul(b.Concat(q_lat, b.Transpose(q_rope, perm=[0, 2, 1, 3]), axis=-1),
-                  b.Constant(value_float=Ref("scale")), _name="query")
-    keys = b.Concat(c_all, k_all, axis=-1, _name="keys")
-    unfold = b.Concat(b.Shape(query, end=3), b.const([-1]), axis=0)  # back to [B,H,T,-1]
-    scores = b.MatMul(fold(b, query), b.Transpose(keys, perm=[0, 2, 1]), _name="scores")
-    probs = causal_softmax(b, b.Reshape(scores, unfold), positions)  # [B,H,T,S]
-    out_lat = b.Reshape(b.MatMul(fold(b, probs), c_all), unfold)  # [B,H,T,r]
+    # two GEMMs rather than one over concatenated keys: no O(context) copy of the cache
+    scores = b.Add(against(q_lat, rank, c_all), against(q_rope, rope, k_all), _name="scores")
+    per_head = b.Concat(b.const([0]), heads, step.tokens, b.const([-1]), axis=0)  # -> [B,H,T,-1]
+    probs = causal_softmax(b, step, b.Reshape(scores, per_head))  # [B,H,T,S]
+    probs = b.Reshape(probs, b.Concat(b.const([0, -1]), step.valid, axis=0))  # [B,H*T,S]
+    out_lat = b.Reshape(b.MatMul(probs, c_all), per_head)  # [B,H,T,r]
     out = b.MatMul(out_lat, "w_uv", _name="heads_out")  # [B,H,T,v]
     b.Reshape(b.Transpose(out, perm=[0, 2, 1, 3]), b.const([0, 0, -1]), _outputs=["out"])
     return b.function(
         PERSEUS_DOMAIN, OP_LATENT_ATTENTION,
         ["q", "kv", "position", "cos_cache", "sin_cache", "past_c_kv", "past_k_rope",
          "kv_norm", "w_uk", "w_uv"],
-        ["out", "present_c_kv", "present_k_rope"], ["num_heads", "scale", "epsilon"],
-        latent_attention.__doc__)
+        ["out", "present_c_kv", "present_k_rope"], ["scale", "epsilon"], latent_attention.__doc__)
 
 
 def attention() -> onnx.FunctionProto:
@@ -146,20 +131,23 @@ def attention() -> onnx.FunctionProto:
              past_key, past_value [B,C,H*D]
     outputs  out [B,T,H*D] (before o_proj), present_key, present_value
     attrs    num_heads, scale (D^-0.5)
+
+    The core is ONNX's own Attention (opset 23) on the valid rows; `nonpad_kv_seqlen` = S with
+    is_causal aligns the causal mask bottom-right, i.e. query t sits at position + t.
     """
     b = Builder()
-    heads = num_heads(b)
-    positions = positions_of(b, "position", "k")
-    cos, sin = rope_tables(b, "cos_cache", "sin_cache", positions)
-    q = rope(b, split_heads(b, "q", heads), cos, sin)  # [B,T,H,D]
-    k = b.Reshape(rope(b, split_heads(b, "k", heads), cos, sin), b.const([0, 0, -1]))
-    k_all = split_heads(b, write_cache(b, "past_key", k, "position", "present_key"), heads)
-    v_all = split_heads(b, write_cache(b, "past_value", "v", "position", "present_value"), heads)
-    query = b.Mul(b.Transpose(q, perm=[0, 2, 1, 3]), b.Constant(value_float=Ref("scale")))
-    scores = b.MatMul(query, b.Transpose(k_all, perm=[0, 2, 3, 1]), _name="scores")  # [B,H,T,S]
-    probs = causal_softmax(b, scores, positions)
-    out = b.MatMul(probs, b.Transpose(v_all, perm=[0, 2, 1, 3]), _name="heads_out")  # [B,H,T,D]
-    b.Reshape(b.Transpose(out, perm=[0, 2, 1, 3]), b.const([0, 0, -1]), _outputs=["out"])
+    heads = Ref("num_heads", INT)
+    step = Step(b, "k")
+    q = b.RotaryEmbedding("q", "cos_cache", "sin_cache", step.position_ids, num_heads=heads)
+    k = b.RotaryEmbedding("k", "cos_cache", "sin_cache", step.position_ids, num_heads=heads)
+    k_all = write_cache(b, step, "past_key", k, "present_key")
+    v_all = write_cache(b, step, "past_value", "v", "present_value")
+    valid = b.Expand(step.valid, step.batch, _name="nonpad_kv_seqlen")
+    out = b.Attention(q, k_all, v_all, "", "", "", valid, is_causal=1, scale=Ref("scale"),
+                      q_num_heads=heads, kv_num_heads=heads)
+    # a no-op reshape to q's shape: onnx 1.23's shape inference gives Attention's 3-D output a
+    # last dim of 0 when V's width is unknown, as it is inside a function
+    b.Reshape(out, b.Shape("q"), _outputs=["out"])
     return b.function(
         PERSEUS_DOMAIN, OP_ATTENTION,
         ["q", "k", "v", "position", "cos_cache", "sin_cache", "past_key", "past_value"],
@@ -179,7 +167,8 @@ def moe() -> onnx.FunctionProto:
     with onnxruntime's sparse MoE kernel, which reads only the selected experts.
     """
     b = Builder()
-    x = b.Reshape("x", b.Concat(b.const([-1]), dim(b, "x", -1), axis=0), _name="tokens")  # [N,d]
+    width, n_experts = dim(b, "router", 0), dim(b, "router", 1)
+    x = b.Reshape("x", b.Concat(b.const([-1]), width, axis=0), _name="tokens")  # [N,d]
     scores = b.Sigmoid(b.MatMul(x, "router"), _name="scores")  # [N,E]
     k = b.Reshape(b.Constant(value_int=Ref("top_k", INT)), b.const([1]))
     _, idx = b.TopK(b.Add(scores, "router_bias"), k, axis=-1, _outputs=2)
@@ -188,9 +177,8 @@ def moe() -> onnx.FunctionProto:
     total = b.Add(b.ReduceSum(weights, b.const([-1]), keepdims=1), b.const(1e-20, np.float32))
     weights = b.Div(weights, b.Where(normalize, total, b.const(1.0, np.float32)))
     weights = b.Mul(weights, b.Constant(value_float=Ref("scaling")), _name="routing_weights")
-    n_experts = dim(b, "router", 1)
-    zeros = b.ConstantOfShape(b.Concat(dim(b, x, 0), n_experts, axis=0))
-    gates = b.ScatterElements(zeros, idx, weights, axis=1, _name="expert_weights")  # [N,E]
+    gates = b.ScatterElements(b.ConstantOfShape(b.Shape(scores)), idx, weights, axis=1,
+                              _name="expert_weights")  # [N,E], zero for the experts not chosen
 
     h = b.Mul(b.Swish(b.MatMul(x, "w_gate")), b.MatMul(x, "w_up"), _name="expert_hidden")
     h = b.Reshape(h, b.Concat(b.const([0]), n_experts, b.const([-1]), axis=0))  # [N,E,F]

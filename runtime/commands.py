@@ -61,6 +61,12 @@ def _stream(gen, prompt, n: int, echo: bool, timings: bool, **kw) -> bool:
     except KeyboardInterrupt:
         interrupted = True
         pieces.close()
+    except BrokenPipeError:  # `perseus run ... | head`: the reader is gone, stop quietly
+        pieces.close()
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # no error at exit's flush
+        return True
     out.write("\n")
     out.flush()
     result = gen.last_result
@@ -133,6 +139,10 @@ def run(
         return
     if text is not None:  # -i with -p: answer the first prompt, then read more
         _stream(gen, text, n, echo, show_timings, **kw)
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
     _err(f"interactive mode ({gen.model.folder.path}, context {gen.max_context}): "
          f"one prompt per line, Ctrl-D or Ctrl-C to quit")
     while True:

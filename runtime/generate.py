@@ -28,7 +28,7 @@ from perseus_edge.errors import PerseusError
 from perseus_edge.runtime.model import Model
 from perseus_edge.runtime.sampling import Sampler
 from perseus_edge.runtime.stream import StopFilter, TextStream, token_bytes_table
-from perseus_edge.runtime.timings import Timings, now, peak_rss_bytes
+from perseus_edge.runtime.timings import Timings, anon_rss_bytes, now, peak_rss_bytes
 
 TRUNCATE = ("none", "left")
 PREFILL_CHUNK = 512  # prompt tokens per graph run (bounds the logits/activation memory)
@@ -202,4 +202,5 @@ class Generator:
         finally:
             timings.total_s = now() - t_start
             timings.peak_rss = peak_rss_bytes()
+            timings.anon_rss = anon_rss_bytes()
             self.last_result = Result("".join(pieces), generated, list(ids), reason, timings, dropped, note)

@@ -72,9 +72,14 @@ class Sampler:
     def _nucleus(self, logits: np.ndarray, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Steps 1 and 3-6: candidate ids, best first, and their probabilities (float64, sum 1)."""
         x = self.penalize(logits, history) / self.temperature
-        order = np.argsort(-x, kind="stable")
-        if 0 < self.top_k < len(order):
-            order = order[: self.top_k]
+        if 0 < self.top_k < len(x):
+            # only the candidates need sorting: every id at or above the k-th largest value
+            # (ties included, so the first k are exactly those of a full stable sort)
+            kth = np.partition(x, len(x) - self.top_k)[len(x) - self.top_k]
+            cand = np.flatnonzero(x >= kth)
+            order = cand[np.argsort(-x[cand], kind="stable")][: self.top_k]
+        else:
+            order = np.argsort(-x, kind="stable")
         kept = x[order]
         p = np.exp(kept - kept[0])
         p /= p.sum()

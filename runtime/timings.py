@@ -5,7 +5,8 @@
     eval                decode: one graph run per generated token after the first
     sampling            the numpy sampler, all tokens
     time to first token from the call to generate() to the first sampled token
-    peak RSS            the process's resident-set high-water mark (getrusage), MiB
+    peak RSS            the process's resident-set high-water mark (getrusage), MiB, and the
+                        anonymous part of the RSS at the end (weights mapped from disk excluded)
 """
 
 from __future__ import annotations
@@ -38,6 +39,21 @@ def peak_rss_bytes() -> int:
         return 0
 
 
+def anon_rss_bytes() -> int:
+    """Anonymous (non-file-backed) resident memory now: what the OS cannot just drop and re-read.
+
+    Weights memory-mapped from model.onnx.data count in the RSS as clean file pages; this is the
+    rest. Linux only (0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def rss_bytes() -> int:
     """Current resident memory of this process."""
     try:
@@ -59,6 +75,7 @@ class Timings:
     ttft_s: float = 0.0
     total_s: float = 0.0
     peak_rss: int = 0
+    anon_rss: int = 0  # anonymous resident memory at the end (Linux)
     threads: int = 0
 
     @property
@@ -88,6 +105,7 @@ class Timings:
             f"{'time to first token':<20}= {self.ttft_s * 1e3:10.2f} ms",
             f"{'total time':<20}= {self.total_s * 1e3:10.2f} ms",
             f"{'peak RSS':<20}= {self.peak_rss / 2**20:10.1f} MiB"
-            + (f"   (threads {self.threads})" if self.threads else ""),
+            + (f"   (anonymous now {self.anon_rss / 2**20:.1f} MiB)" if self.anon_rss else "")
+            + (f"   threads {self.threads}" if self.threads else ""),
         ]
         return "\n".join(rows)

@@ -107,6 +107,25 @@ def test_dense_archs_have_nothing_to_lower(exported):
     assert meta["target"] == "ort-cpu" and meta["lowered"] == []
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_rows_equal_pytorch_cache(arch, exported, make_checkpoint):
+    """The RoPE lane permutation keeps even the cached tensors identical to PyTorch's."""
+    from perseus_edge.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(make_checkpoint(arch))
+    prompt = np.random.default_rng(1).integers(2, model.cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        _, cache = model(torch.from_numpy(prompt), use_cache=True)
+    session = CachedSession(exported(arch) / mf.MODEL_ONNX)
+    session(prompt, 0)
+    for layer, pair in enumerate(cache):
+        for slot, ref in zip(mf.cache_slots(model.cfg.is_mla), pair):
+            if ref.dim() == 4:  # MHA: [B, H, S, D] -> the graph's [B, S, H*D]
+                ref = ref.transpose(1, 2).flatten(2)
+            got = session.caches[mf.past_name(layer, slot)][:, :12]
+            np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
+
+
 def test_cache_is_written_in_place_and_only_new_rows(exported):
     """present.* is the past.* buffer itself; a step writes exactly its own rows."""
     session = CachedSession(exported("moe-mla-rope") / mf.MODEL_ONNX)

@@ -348,9 +348,13 @@ def test_stop_strings_and_tokens(toy):
     assert res.stop_reason == "stop" and res.text == full.text[: full.text.index(stop)]
     res = gen.generate("Once upon a time", 30, stop_tokens=[full.tokens[3]], ignore_eos=True)
     assert res.tokens == full.tokens[: full.tokens.index(full.tokens[3]) + 1] and res.stop_reason == "stop"
-    res = gen.generate("Once upon a time", 30, stop_tokens=[], ignore_eos=False)
-    if 0 in full.tokens:  # eos id 0 (generation_config) ends the run, and is not printed
-        assert res.stop_reason == "eos" and res.tokens[-1] == 0
+    eos = full.tokens[6]
+    first = full.tokens.index(eos)
+    gen.eos_ids = {eos}  # as if generation_config.json named it
+    res = gen.generate("Once upon a time", 30)
+    assert res.stop_reason == "eos" and res.tokens == full.tokens[: first + 1]
+    assert res.text == gen.tokenizer.decode(full.tokens[:first])  # the EOS token is not printed
+    assert gen.generate("Once upon a time", 30, ignore_eos=True).tokens == full.tokens
 
 
 def test_low_memory_and_ort_format_toy(toy, tmp_path):
@@ -534,6 +538,11 @@ def test_runtime_runs_without_torch(toy, exported_or_toy):
         res = gen.generate("Once upon a time", 8, temperature=0.8, top_p=0.9, seed=0)
         assert res.tokens, res
         print(evaluate({str(toy)!r}, "Once upon a time there was a dog. " * 20, seq_len=16)["ppl"])
+        sys.argv = ["perseus", "run", {str(exported_or_toy)!r}, "-p", "Hi", "-n", "4", "--no-timings"]
+        try:  # the real CLI entry point, with every stage's commands registered
+            perseus_edge.cli.main()
+        except SystemExit as e:
+            assert not e.code, e.code
         assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
         print("ok", res.tokens)
     """)
@@ -589,7 +598,9 @@ def test_exported_ort_format_same_tokens(exported, tmp_path):
     a = Generator(folder, threads=1).generate("Once upon a time", 16, temperature=0.0, ignore_eos=True)
     b = Generator(folder, threads=1, format="ort").generate("Once upon a time", 16, temperature=0.0,
                                                            ignore_eos=True)
-    assert a.tokens == b.tokens
+    c = Generator(folder, threads=1, low_memory=True).generate("Once upon a time", 16, temperature=0.0,
+                                                              ignore_eos=True)
+    assert a.tokens == b.tokens == c.tokens
 
 
 def test_exported_evaluate_matches_pytorch(exported, make_checkpoint, valid_text):

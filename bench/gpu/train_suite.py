@@ -79,7 +79,7 @@ def probe(root: Path, compile_: bool = False) -> None:
     for preset in ("17m", "54m"):
         for comp in ((False, True) if compile_ else (False,)):
             name = f"probe-{preset}-{'compile' if comp else 'eager'}"
-            launch([(name, command(root / name, preset, "moe-mla-rope", "muon", 3e-3, 60, comp, 1000))], root,
+            launch([(name, command(root / name, preset, "moe-mla-rope", "muon", 3e-3, 40, comp, 1000))], root,
                    240 if comp else 90)
             rec = last_record(root / name, "tokens_per_s")
             results.append({"preset": preset, "compile": comp, **(rec or {})})
@@ -118,10 +118,11 @@ def arch(root: Path, preset: str, lr: float, budget_s: float, speedup: float, ar
 
 
 def suite(root: Path, budget_s: float, speedup: float, arch_lr: float) -> None:
-    """One wave on the shared GPU: 17m and 54m LR sweeps (Muon, AdamW) + 54m architecture baselines."""
+    """One wave on the shared GPU: 17m LR sweep (Muon, AdamW), 54m Muon vs AdamW, 54m architectures."""
     plan = [("17m", "moe-mla-rope", opt, lr) for opt in ("muon", "adamw") for lr in LRS]
-    plan += [("54m", "moe-mla-rope", opt, lr) for opt in ("muon", "adamw") for lr in LRS]
-    plan += [("54m", a, "muon", arch_lr) for a in ("mla-dense", "mha", "mha-moe")]
+    # 54m: one lr per optimizer (device budget), the architectures at the same lr and tokens
+    plan += [("54m", "moe-mla-rope", opt, arch_lr) for opt in ("muon", "adamw")]
+    plan += [("54m", a, "muon", arch_lr) for a in ("mla-dense", "mha")]
     steps = {p: steps_for(root, p, len(plan), budget_s, speedup) for p in ("17m", "54m")}
     runs = []
     for preset, a, opt, lr in plan:

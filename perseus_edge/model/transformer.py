@@ -236,7 +236,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, idx = self.gate(x)
-        out = self.routed(x, weights, idx)
+        out = self.routed_batched(x, weights, idx) if x.is_cuda else self.routed(x, weights, idx)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)
@@ -253,6 +253,30 @@ class MoE(nn.Module):
         # which DDP requires; in inference they are skipped.
         ys = torch.cat([self.experts[e](chunk) if (n or self.training) else chunk
                         for e, (n, chunk) in enumerate(zip(counts, xs.split(counts)))])
+        ys = ys * weights.flatten()[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+    def routed_batched(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Same result as `routed` with three batched matmuls over a padded [E, capacity, d] buffer.
+
+        On a GPU the per-expert loop is bound by kernel launches (hundreds per layer); padding every
+        expert to the busiest one's load wastes some FLOPs but runs in a handful of launches.
+        """
+        n_experts, k = len(self.experts), idx.shape[1]
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=n_experts)
+        capacity = int(counts.max())
+        expert = flat[order]
+        slot = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
+        token = order // k
+        buf = x.new_zeros(n_experts, capacity, x.shape[-1])
+        buf[expert, slot] = x[token]
+        w_gate = torch.stack([e.gate_proj.weight for e in self.experts])
+        w_up = torch.stack([e.up_proj.weight for e in self.experts])
+        w_down = torch.stack([e.down_proj.weight for e in self.experts])
+        h = F.silu(torch.bmm(buf, w_gate.transpose(1, 2))) * torch.bmm(buf, w_up.transpose(1, 2))
+        ys = torch.bmm(h, w_down.transpose(1, 2))[expert, slot]
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
