@@ -165,8 +165,10 @@ def demo(
     prompt: str = typer.Option("Once upon a time", "-p", "--prompt"),
     n: int = typer.Option(200, "-n", "--max-new-tokens"),
     threads: Optional[int] = typer.Option(None, "-t", "--threads"),
-    temperature: float = typer.Option(0.8, "--temperature", "--temp"),
-    top_p: float = typer.Option(0.95, "--top-p"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "--temp",
+                                                help="Default: the model's generation_config.json."),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     quantize: bool = typer.Option(True, "--quantize/--no-quantize", help="Run the int8 model when available."),
 ) -> None:
@@ -178,14 +180,16 @@ def demo(
 
     if n < 1:
         raise PerseusError(f"-n must be at least 1, got {n}")
-    Sampler(temperature=temperature, top_p=top_p, seed=seed)
+    Sampler(temperature=0.0 if temperature is None else temperature, top_k=top_k or 0,
+            top_p=1.0 if top_p is None else top_p, seed=seed)
     model_dir = prepare(checkpoint, quantize=quantize, log=_err)
     gen = Generator(model_dir, threads=threads)
     n = min(n, gen.max_context - len(gen.encode(prompt)))
     if n < 1:
         raise PerseusError(f"the prompt leaves no room in the model's context of {gen.max_context}")
     _err(f"model: {model_dir}")
-    if not _stream(gen, prompt, n, True, True, temperature=temperature, top_p=top_p, seed=seed):
+    if not _stream(gen, prompt, n, True, True, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=seed):
         raise typer.Exit(130)
 
 

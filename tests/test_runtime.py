@@ -627,8 +627,8 @@ def test_demo_exports_once_then_uses_cache(make_checkpoint, tmp_path, monkeypatc
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     ckpt = make_checkpoint("moe-mla-rope")
-    args = dict(checkpoint=ckpt, prompt="Once upon a time", n=8, threads=1, temperature=0.8, top_p=0.95,
-                seed=0, quantize=True)
+    args = dict(checkpoint=ckpt, prompt="Once upon a time", n=8, threads=1, temperature=None, top_k=None,
+                top_p=None, seed=0, quantize=True)
     commands.demo(**args)
     first = capsys.readouterr()
     assert "first run" in first.err and "tokens per second" in first.err
