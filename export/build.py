@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from perseus_edge import __version__
 from perseus_edge import modelfile as mf
 from perseus_edge.export import ops
 from perseus_edge.export.graph import IR_VERSION, OPSET, Builder, value_info
@@ -55,17 +56,17 @@ def build(cfg: ModelConfig, weights: dict[str, np.ndarray], max_context: int) ->
     if cfg.tie_word_embeddings:  # Gemm reads the shared [V, d] table transposed, no copy
         flat = b.Reshape(h, b.const([-1, cfg.hidden_size]))
         b.Reshape(b.Gemm(flat, w("embed_tokens"), transB=1),
-                  b.Concat(b.Shape(h, end=2), b.const([cfg.vocab_size]), axis=0), _name=mf.LOGITS)
+                  b.Concat(b.Shape(h, end=2), b.const([cfg.vocab_size]), axis=0), _outputs=[mf.LOGITS])
     else:
-        b.MatMul(h, w("lm_head"), _name=mf.LOGITS)
+        b.MatMul(h, w("lm_head"), _outputs=[mf.LOGITS])
 
     used = {n.op_type for n in b.nodes if n.domain == mf.PERSEUS_DOMAIN}
     graph = helper.make_graph(b.nodes, "perseus", inputs, outputs,
                               initializer=[numpy_helper.from_array(a, n) for n, a in b.weights.items()])
-    model = helper.make_model(graph, producer_name=PRODUCER, ir_version=IR_VERSION, functions=[
-        ops.FUNCTIONS[name]() for name in sorted(used)], opset_imports=[
-        helper.make_opsetid("", OPSET), helper.make_opsetid(mf.PERSEUS_DOMAIN, 1)])
-    return model
+    return helper.make_model(
+        graph, producer_name=PRODUCER, producer_version=__version__, ir_version=IR_VERSION,
+        functions=[ops.FUNCTIONS[name]() for name in sorted(used)],
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(mf.PERSEUS_DOMAIN, 1)])
 
 
 def _latent_attention(b: Builder, w, cfg: ModelConfig, i: int, h: str) -> str:

@@ -82,8 +82,8 @@ def latent_attention() -> onnx.FunctionProto:
 
     Keys and values are never expanded per head: W_UK maps each query head into the latent
     space (q_lat = q_nope W_UK), scores are q_lat.c_kv + q_rope.k_rope over the cache as stored,
-    and W_UV maps the attended latent back to the head's value space. All heads share one
-    latent key, so heads and tokens fold into the rows of a single GEMM against the cache.
+    and W_UV maps the attended latent back to the head's value space. All heads share the one
+    latent key, so heads and tokens fold into the rows of one GEMM per cache part.
     Head count and widths come from the weights' shapes.
     """
     b = Builder()

@@ -103,6 +103,8 @@ def run(
     low_memory: bool = typer.Option(False, "--low-memory",
                                     help="Mobile-class memory: no arena, no mem pattern, no prepacking."),
     format: str = typer.Option("auto", "--format", help="auto, onnx or ort (model.ort from perseus to-ort)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify",
+                                help="Check every file's sha256 against the manifest before loading."),
     interactive: bool = typer.Option(False, "-i", "--interactive",
                                      help="Read one prompt per line; Ctrl-D or Ctrl-C quits."),
     echo: bool = typer.Option(True, "--echo/--no-echo", help="Print the prompt before the generated text."),
@@ -128,7 +130,7 @@ def run(
             repetition_penalty=1.0 if repeat_penalty is None else repeat_penalty, seed=seed)
     if hasattr(sys.stdout, "reconfigure"):  # never die printing a character the terminal lacks
         sys.stdout.reconfigure(errors="replace")
-    gen = Generator(model_dir, threads=threads, low_memory=low_memory, format=format)
+    gen = Generator(model_dir, threads=threads, low_memory=low_memory, format=format, verify=verify)
     if n is None:
         n = min(DEFAULT_N, gen.max_context - 1)
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repeat_penalty,

@@ -50,9 +50,9 @@ class Generator:
     """Generation over one model folder (ONNX Runtime + numpy + tokenizers; no torch)."""
 
     def __init__(self, model_dir: str | os.PathLike, threads: int | None = None,
-                 low_memory: bool = False, format: str = "auto"):
+                 low_memory: bool = False, format: str = "auto", verify: bool = True):
         t0 = now()
-        self.model = Model(model_dir, threads=threads, low_memory=low_memory, format=format)
+        self.model = Model(model_dir, threads=threads, low_memory=low_memory, format=format, verify=verify)
         self.load_s = now() - t0
         self.tokenizer = self.model.tokenizer
         self.eos_ids = set(self.model.folder.eos_ids)

@@ -22,8 +22,9 @@ class Model:
     """A loaded model folder, ready to run: `forward(ids, position) -> logits`."""
 
     def __init__(self, folder: ModelFolder | str | os.PathLike, threads: int | None = None,
-                 low_memory: bool = False, batch: int = 1, format: str = "auto"):
-        self.folder = folder if isinstance(folder, ModelFolder) else open_folder(folder, format=format)
+                 low_memory: bool = False, batch: int = 1, format: str = "auto", verify: bool = True):
+        self.folder = (folder if isinstance(folder, ModelFolder)
+                       else open_folder(folder, format=format, verify=verify))
         self.threads = threads or default_threads()
         self.low_memory = low_memory
         self.session = create_session(self.folder, threads, low_memory)

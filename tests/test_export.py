@@ -102,6 +102,18 @@ def test_batch_of_two_matches_pytorch(exported, make_checkpoint):
     assert_parity(exported("moe-mla-rope"), make_checkpoint("moe-mla-rope"), batch=2, steps=8)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_equals_one_prefill(arch, exported):
+    """Several tokens after a cached prefix (chunked prompts, speculative steps): causal mask
+    and RoPE positions offset by `position`."""
+    path = exported(arch) / mf.MODEL_ONNX
+    prompt = np.random.default_rng(2).integers(2, 500, (1, 24))
+    whole = CachedSession(path)(prompt, 0)
+    chunked = CachedSession(path)
+    parts = [chunked(prompt[:, :10], 0), chunked(prompt[:, 10:11], 10), chunked(prompt[:, 11:], 11)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, atol=1e-5)
+
+
 def test_dense_archs_have_nothing_to_lower(exported):
     meta = verify_folder(exported("mha", "ort-cpu"))[mf.EXPORT_META]
     assert meta["target"] == "ort-cpu" and meta["lowered"] == []

@@ -504,8 +504,8 @@ def test_cli_ctrl_c_stops_cleanly_with_timings(toy, capsys, monkeypatch):
     with pytest.raises(typer.Exit) as exit_info:
         commands.run(toy, prompt="Once upon a time", prompt_file=None, n=30, threads=1, temperature=None,
                      top_k=None, top_p=None, repeat_penalty=None, seed=None, stop=None, ignore_eos=True,
-                     truncate="none", low_memory=False, format="auto", interactive=False, echo=True,
-                     show_timings=True)
+                     truncate="none", low_memory=False, format="auto", verify=True, interactive=False,
+                     echo=True, show_timings=True)
     assert exit_info.value.exit_code == 130
     out = capsys.readouterr()
     assert "interrupted" in out.err and "eval time" in out.err and "Traceback" not in out.err
@@ -645,3 +645,22 @@ def test_demo_without_default_model_says_so(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "default_checkpoint", lambda: tmp_path / "none")
     with pytest.raises(PerseusError, match="--checkpoint"):
         demo.prepare(None)
+
+
+def test_interactive_ctrl_c_at_the_prompt_exits_cleanly(toy, capsys, monkeypatch):
+    from perseus_edge.runtime import commands
+
+    lines = iter(["Once upon a time"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    commands.run(toy, prompt=None, prompt_file=None, n=5, threads=1, temperature=0.0, top_k=None, top_p=None,
+                 repeat_penalty=None, seed=None, stop=None, ignore_eos=True, truncate="none",
+                 low_memory=False, format="auto", verify=True, interactive=True, echo=True, show_timings=True)
+    err = capsys.readouterr().err
+    assert err.count("prompt eval time") == 1 and "Traceback" not in err

@@ -98,9 +98,9 @@ def steps_for(root: Path, preset: str, n_runs: int, budget_s: float, speedup: fl
     return max(50, int(budget_s * agg / n_runs / TOKENS_PER_STEP) // 10 * 10)
 
 
-def sweep(root: Path, preset: str, budget_s: float, speedup: float) -> None:
+def sweep(root: Path, preset: str, budget_s: float, speedup: float, steps: int | None = None) -> None:
     runs = []
-    steps = steps_for(root, preset, 2 * len(LRS), budget_s, speedup)
+    steps = steps or steps_for(root, preset, 2 * len(LRS), budget_s, speedup)
     for opt in ("muon", "adamw"):
         for lr in LRS:
             name = f"{preset}-moe-mla-rope-{opt}-lr{lr:g}"
@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--speedup", type=float, default=2.0)
     ap.add_argument("--archs", default="moe-mla-rope,mla-dense,mha,mha-moe")
+    ap.add_argument("--steps", type=int, help="sweep: fixed steps instead of the probe-based estimate")
     ap.add_argument("--run", type=Path)
     ap.add_argument("--pieces-out", type=Path)
     ap.add_argument("--first", type=int, default=0)
@@ -183,7 +184,7 @@ def main() -> None:
     elif a.stage == "suite":
         suite(a.out, a.budget_s, a.speedup, a.lr)
     elif a.stage == "sweep":
-        sweep(a.out, a.preset, a.budget_s, a.speedup)
+        sweep(a.out, a.preset, a.budget_s, a.speedup, a.steps)
     elif a.stage == "arch":
         arch(a.out, a.preset, a.lr, a.budget_s, a.speedup, a.archs.split(","))
     elif a.stage == "best":
