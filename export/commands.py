@@ -16,7 +16,7 @@ from perseus_edge.errors import PerseusError
 
 
 def export(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint folder (config.json, safetensors, tokenizer, manifest)."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder (config, safetensors, tokenizer, manifest)."),
     output: Path = typer.Option(..., "-o", "--output", help="Model folder to write."),
     target: str = typer.Option("portable", "--target",
                                help="portable (standard ONNX + perseus functions) or ort-cpu "

@@ -17,8 +17,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 OPSET = 24  # TensorScatter (the in-place cache write) is new in opset 24
 IR_VERSION = 11  # the IR version of onnx 1.19, which introduced opset 24
-DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64,
-          np.dtype(np.float16): TensorProto.FLOAT16, np.dtype(np.bool_): TensorProto.BOOL}
+DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64}
 
 
 @dataclass(frozen=True)
@@ -55,8 +54,8 @@ class Builder:
         outs = (list(_outputs) if isinstance(_outputs, list)
                 else [self.fresh(_name or op_type.lower()) for _ in range(_outputs)])
         plain = {k: v for k, v in attrs.items() if not isinstance(v, Ref)}
-        node = helper.make_node(op_type, list(inputs), outs, name=self.fresh(op_type if self.scope else f"/{op_type}"),
-                                domain=_domain, **plain)
+        name = self.fresh(op_type if self.scope else f"/{op_type}")
+        node = helper.make_node(op_type, list(inputs), outs, name=name, domain=_domain, **plain)
         for key, ref in attrs.items():
             if isinstance(ref, Ref):
                 node.attribute.append(helper.make_attribute_ref(key, ref.type, ref_attr_name=ref.name))

@@ -76,7 +76,8 @@ def inspect_folder(folder: str | Path) -> tuple[str, str | None]:
     meta = manifest.get(mf.EXPORT_META) or {}
     if meta:
         src = meta.get("source_checkpoint") or {}
-        lines += [f"target        {meta.get('target')} (lowered: {', '.join(meta.get('lowered') or []) or 'nothing'})",
+        lowered = ", ".join(meta.get("lowered") or []) or "nothing"
+        lines += [f"target        {meta.get('target')} (lowered: {lowered})",
                   f"source        {src.get('path')} (manifest sha256 {str(src.get('sha256'))[:16]}...)"]
     for key in sorted(set(manifest) - {"format", "kind", "files", mf.EXPORT_META}):
         lines.append(f"{key:<13} {json.dumps(manifest[key])}")
@@ -98,10 +99,10 @@ def inspect_folder(folder: str | Path) -> tuple[str, str | None]:
     if path.is_file():
         model = onnx.load(str(path), load_external_data=False)
         g = model.graph
-        lines.append("opsets        " + ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
-                     + f" (ir_version {model.ir_version}, producer {model.producer_name or '?'})")
-        n_weights = sum(1 for _ in g.initializer)
-        lines.append(f"graph         {len(g.node)} nodes, {n_weights} initializers, "
+        opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
+        lines.append(f"opsets        {opsets} (ir_version {model.ir_version}, "
+                     f"producer {model.producer_name or '?'} {model.producer_version})")
+        lines.append(f"graph         {len(g.node)} nodes, {len(g.initializer)} initializers, "
                      f"{len(model.functions)} local functions")
         caches = [i for i in g.input if i.name.startswith("past.")]
         for i in g.input:

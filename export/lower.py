@@ -1,10 +1,11 @@
 """Stage `lower`: optional rewrites of `perseus` ops into faster onnxruntime kernels.
 
 `portable` (the default) keeps the graph as built: standard opset-24 operators plus the perseus
-functions, runnable by any ONNX runtime. `ort-cpu` applies the rewrites below, each a function
-ModelProto -> ModelProto. A rewrite stays in this list only while it measures faster than the
-portable graph on onnxruntime's CPU provider (`python -m perseus_edge.export.measure`, numbers in
-export/README.md); the candidates that did not pay off are described there, not kept here.
+functions, runnable by any ONNX runtime. `ort-cpu` applies the rewrites below; each edits the
+ModelProto in place and returns how many ops it replaced. A rewrite stays in this list only while
+it measures faster than the portable graph on onnxruntime's CPU provider
+(`python -m perseus_edge.export.measure`, numbers in export/README.md); the candidates that did
+not pay off are described there, not kept here.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ def moe_to_ort(model: onnx.ModelProto) -> int:
     experts, -1e9 elsewhere; its softmax + top-k then yields score_i / sum(selected scores).
     Experts become fc1 [E, 2F, d] (gate and up rows interleaved, its fused-SwiGLU layout with
     alpha 1, beta 0, no clamp: silu(gate) * up) and fc2 [E, d, F].
-    Returns the number of nodes rewritten.
     """
     inits = {t.name: t for t in model.graph.initializer}
     nodes, count = [], 0
@@ -62,11 +62,13 @@ def moe_to_ort(model: onnx.ModelProto) -> int:
         y = b.op("MoE", x, logits, fc1_name, "", fc2_name, _domain=MS_DOMAIN, k=attrs["top_k"],
                  activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
                  swiglu_limit=float("inf"), normalize_routing_weights=1)
-        # the kernel's weights sum to one; undo that when the model does not normalise
-        scale = b.const(attrs["scaling"], np.float32)
+        # the kernel's weights sum to one: rescale by routed_scaling_factor, and by the sum of
+        # the chosen scores when the model does not normalise
+        if attrs["scaling"] != 1.0:
+            y = b.Mul(y, b.const(attrs["scaling"], np.float32))
         if not attrs["normalize"]:
-            scale = b.Mul(b.ReduceSum(chosen, b.const([-1]), keepdims=1), scale)
-        b.Reshape(b.Mul(y, scale), b.Shape(node.input[0]), _outputs=[node.output[0]])
+            y = b.Mul(y, b.ReduceSum(chosen, b.const([-1]), keepdims=1))
+        b.Reshape(y, b.Shape(node.input[0]), _outputs=[node.output[0]])
         nodes.extend(b.nodes)
     if count:
         del model.graph.node[:]

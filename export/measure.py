@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| {'target':<9} | {'test':<12} | {'ms/token best':>13} | {'median':>7} | {'t/s best':>8} |")
     print(f"| {'-' * 9} | {'-' * 12} | {'-' * 13}:| {'-' * 7}:| {'-' * 8}:|")
     for r in rows:
-        print(f"| {r['target']:<9} | {r['test']:<12} | {r['best']:>13.3f} | {r['median']:>7.3f} | {r['tok_s']:>8.1f} |")
+        print(f"| {r['target']:<9} | {r['test']:<12} | {r['best']:>13.3f} | {r['median']:>7.3f} "
+              f"| {r['tok_s']:>8.1f} |")
 
 
 if __name__ == "__main__":

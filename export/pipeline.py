@@ -70,7 +70,9 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, t
 
 def _checkpoint_sha(ckpt_dir: Path) -> str:
     """Identity of the source: the sha256 of its manifest, which lists the sha256 of every file."""
-    read_manifest(ckpt_dir)  # a clear error for a missing folder or manifest
+    if not ckpt_dir.is_dir():
+        raise PerseusError(f"checkpoint folder not found: {ckpt_dir}")
+    read_manifest(ckpt_dir)  # a clear error for a missing or unreadable manifest
     return sha256_file(ckpt_dir / MANIFEST)
 
 
@@ -92,9 +94,11 @@ def _may_replace(ckpt_dir: Path, out_dir: Path, source_sha: str, force: bool) ->
     except PerseusError:
         raise PerseusError(f"{out_dir} already exists and is not empty (use --force to replace it)") from None
     source = (manifest.get(mf.EXPORT_META) or {}).get("source_checkpoint") or {}
-    if manifest.get("kind") == mf.KIND_ONNX and source.get("sha256") == source_sha:
+    is_export = manifest.get("kind") == mf.KIND_ONNX
+    if is_export and source.get("sha256") == source_sha:
         return True  # an earlier export of this same checkpoint
-    what = f"a model exported from {source['path']}" if source.get("path") else f"a {manifest.get('kind')!r} folder"
+    what = (f"a model exported from {source['path']}" if is_export and source.get("path")
+            else f"a {manifest.get('kind')!r} folder")
     raise PerseusError(f"{out_dir} already holds {what}, not an export of {ckpt_dir} "
                        f"(use --force to replace it)")
 

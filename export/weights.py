@@ -3,14 +3,15 @@
 Everything the graph needs is computed here, once, at export time:
 - linear layers transposed to [in, out], ONNX MatMul's layout (PyTorch stores [out, in]);
 - RoPE lanes: DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ...; permuting the rope
-  rows of the projections to [even | odd] lanes lets the graph rotate halves (two slices
-  instead of strided gathers) and still yields exactly the k_rope the PyTorch model caches;
+  rows of the projections to [even | odd] lanes lets the graph rotate halves (ONNX
+  RotaryEmbedding, interleaved=0) and still yields exactly the k_rope the PyTorch model caches
+  (its rotation outputs the rotated even lanes, then the odd ones);
 - MLA absorption: W_UK [H, nope, r] and W_UV^T [H, r, v], the per-head blocks of kv_b_proj
   that the absorbed attention applies to the query and to the attended latent;
 - MoE: the routed experts side by side ([d, E*F], [E*F, d]) so an expert projection is one GEMM;
 - RoPE tables cos/sin [max_context, rope_dim / 2], from the model's own `rope_cos_sin`.
 
-Tensor names are short and stable (`layers.3.attn.w_uk`); `names()` lists what each layer uses.
+Tensor names are short and stable (`layers.3.attn.w_uk`) and become the initializer names.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def prepare(model: PerseusLM, max_context: int) -> dict[str, np.ndarray]:
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         out[dst + "input_norm"] = sd[src + "input_layernorm.weight"]
         out[dst + "post_norm"] = sd[src + "post_attention_layernorm.weight"]
-        attn = _mla_weights(cfg, sd, src + "self_attn.") if cfg.is_mla else _mha_weights(cfg, sd, src + "self_attn.")
+        attn = (_mla_weights if cfg.is_mla else _mha_weights)(cfg, sd, src + "self_attn.")
         out.update({dst + "attn." + k: v for k, v in attn.items()})
         ffn = _moe_weights(cfg, sd, src + "mlp.") if cfg.layer_is_moe(i) else _mlp_weights(sd, src + "mlp.")
         out.update({dst + "mlp." + k: v for k, v in ffn.items()})

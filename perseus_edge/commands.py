@@ -134,7 +134,8 @@ def evaluate(
     else:
         from perseus_edge.runtime.evaluate import evaluate as eval_onnx
 
-        result = eval_onnx(model_dir, tokens, seq_len=seq_len, max_batches=max_batches, threads=threads)
+        result = eval_onnx(model_dir, tokens, seq_len=seq_len, max_batches=max_batches, threads=threads,
+                           batch_size=batch_size)
     result = {"model": str(model_dir), "split": split, "seq_len": seq_len, **result}
     if as_json:
         print(json.dumps(result))

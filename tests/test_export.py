@@ -165,7 +165,8 @@ def test_graph_contract_and_custom_ops(arch, exported):
     layers = range(cfg.num_hidden_layers)
     assert [i.name for i in model.graph.input] == [mf.INPUT_IDS, mf.POSITION] + [
         mf.past_name(i, s) for i in layers for s in slots]
-    assert [o.name for o in model.graph.output] == [mf.LOGITS] + [mf.present_name(i, s) for i in layers for s in slots]
+    assert [o.name for o in model.graph.output] == [mf.LOGITS] + [
+        mf.present_name(i, s) for i in layers for s in slots]
     context = json.loads((folder / mf.GENERATION_CONFIG).read_text())["max_context"]
     assert context == cfg.max_position_embeddings
     for value, width in zip(model.graph.input[2:4], mf.cache_widths(cfg)):
