@@ -106,15 +106,14 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Loss and perplexity on a held-out split: PyTorch for checkpoints, ONNX Runtime for model folders."""
-    from perseus_edge.data import resolve_data_dir, tokenize_split
+    from perseus_edge.data import resolve_data_dir, token_cache_dir, tokenize_split
     from perseus_edge.manifest import read_manifest
     from perseus_edge.tokenizer import load_tokenizer
 
     kind = read_manifest(model_dir).get("kind")
     tok = load_tokenizer(model_dir / "tokenizer.json")
     data = resolve_data_dir(data_dir)
-    cache = Path.home() / ".cache" / "perseus-edge" / "tokens"
-    tokens = tokenize_split(tok, data, split, cache, progress=False)
+    tokens = tokenize_split(tok, data, split, token_cache_dir(), progress=False)
     if kind == "checkpoint":
         import math
 

@@ -56,6 +56,11 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     raise PerseusError(f"data folder not found: tried {', '.join(map(str, candidates))} {hint}")
 
 
+def token_cache_dir() -> Path:
+    """Where tokenized splits are cached: $PERSEUS_CACHE, else ~/.cache/perseus-edge/tokens."""
+    return Path(os.environ.get("PERSEUS_CACHE") or Path.home() / ".cache" / "perseus-edge" / "tokens")
+
+
 def split_file(data_dir: str | Path, split: str) -> Path:
     """The file of one split: `{split}.txt.xz`, or a plain `{split}.txt`."""
     if split not in SPLITS:

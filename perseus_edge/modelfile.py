@@ -67,3 +67,19 @@ def cache_widths(cfg) -> tuple[int, int]:
     if cfg.is_mla:
         return cfg.kv_lora_rank, cfg.qk_rope_head_dim
     return cfg.hidden_size, cfg.hidden_size
+
+
+# int8 cache (`perseus quantize --kv-cache int8`): each cache slot holds int8 codes and, beside it,
+# one float32 scale per cached row: past.{i}.{slot}_scale / present.{i}.{slot}_scale
+# [batch, max_context, 1], bound in place like the slot itself.
+CACHE_SCALE_SUFFIX = "_scale"
+
+
+def cache_scale_slot(slot: str) -> str:
+    return slot + CACHE_SCALE_SUFFIX
+
+
+# manifest.json of a quantized folder: kind "onnx-<scheme>" and this key holding the scheme and
+# its settings ({"scheme", "target", "weights": {...}, "kv_cache", "source": {"path", "sha256"}, ...})
+QUANT_META = "quantization"
+

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from perseus_edge.checkpoint import load_checkpoint, save_checkpoint
-from perseus_edge.data import TokenWindows, eval_batches, resolve_data_dir, tokenize_split
+from perseus_edge.data import TokenWindows, eval_batches, resolve_data_dir, token_cache_dir, tokenize_split
 from perseus_edge.errors import PerseusError
 from perseus_edge.model.config import ModelConfig, preset
 from perseus_edge.model.transformer import MoE, PerseusLM, RMSNorm, Router
@@ -197,9 +197,7 @@ def train(cfg: TrainConfig) -> dict:
         raise PerseusError(f"seq_len {cfg.seq_len} exceeds the model context {model_cfg.max_position_embeddings}")
 
     data_dir = resolve_data_dir(cfg.data_dir)
-    cache_dir = Path(os.environ.get("PERSEUS_CACHE", Path(data_dir).parent / ".tokens"))
-    if not os.access(Path(data_dir).parent, os.W_OK):
-        cache_dir = Path(os.environ.get("PERSEUS_CACHE", Path.home() / ".cache" / "perseus-edge" / "tokens"))
+    cache_dir = token_cache_dir()
     # rank 0 tokenizes; the others wait and then map the same file
     if master:
         train_tokens = tokenize_split(tokenizer, data_dir, "train", cache_dir, cfg.max_chars, cfg.progress)
@@ -272,14 +270,20 @@ def train(cfg: TrainConfig) -> dict:
         tokens_since += tokens_per_step
 
         last = step + 1 == cfg.steps
+        log_now = (step + 1) % cfg.log_every == 0 or last
+        if log_now:  # the global batch's loss, not just this rank's share
+            mean_loss = loss.detach().clone()
+            if world > 1:
+                dist.all_reduce(mean_loss)
+                mean_loss /= world
         if (step + 1) % cfg.eval_every == 0 or last:
             val_loss = evaluate(model, valid_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches, device, autocast)
-        if master and ((step + 1) % cfg.log_every == 0 or last):
+        if master and log_now:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             now = time.perf_counter()
             tok_s = tokens_since / (now - t_last)
-            record = {"step": step + 1, "loss": round(loss.item(), 5), "lr": optimizers[0].param_groups[0]["lr"],
+            record = {"step": step + 1, "loss": round(mean_loss.item(), 5), "lr": optimizers[0].param_groups[0]["lr"],
                       "grad_norm": round(float(grad_norm), 4), "tokens": (step + 1) * tokens_per_step,
                       "tokens_per_s": round(tok_s, 1), "flops": (step + 1) * tokens_per_step * flops_per_token}
             if device.type == "cuda":

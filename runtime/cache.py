@@ -7,7 +7,9 @@ the new tokens into memory that already holds the older ones: no per-token alloc
 of the whole cache, and the numpy view always shows the current state.
 
 MLA layers cache the latent c_kv (kv_lora_rank) and the shared RoPE key (qk_rope_head_dim) per
-token, MHA layers the full K and V: `nbytes` is what `perseus info` predicts.
+token, MHA layers the full K and V: `nbytes` is what `perseus info` predicts. A graph quantized
+with `--kv-cache int8` has int8 slots plus a float32 `{slot}_scale` [batch, max_context, 1] buffer
+beside each (GraphSpec lists them all; each buffer gets its spec's dtype and width).
 """
 
 from __future__ import annotations

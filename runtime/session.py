@@ -26,6 +26,7 @@ from perseus_edge.tokenizer import EOS, check_vocab, load_tokenizer
 FORMATS = ("auto", "onnx", "ort")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(bfloat16)": None, "tensor(double)": np.float64}
+_CACHE_TYPES = {**_ORT_TYPES, "tensor(int8)": np.int8}  # int8: a quantized cache (codes + scales)
 
 
 @dataclass
@@ -189,18 +190,22 @@ class GraphSpec:
         caches, contexts = [], set()
         for layer in range(cfg.num_hidden_layers):
             for slot in mf.cache_slots(cfg.is_mla):
-                past, present = mf.past_name(layer, slot), mf.present_name(layer, slot)
-                if past not in inputs or present not in outputs:
-                    raise PerseusError(f"{where} lacks cache {past} / {present} "
-                                       f"(config.json and graph disagree)")
-                shape, kind = inputs[past].shape, inputs[past].type
-                dtype = _ORT_TYPES.get(kind)
-                if dtype is None or len(shape) != 3 or not isinstance(shape[2], int):
-                    raise PerseusError(f"{where}: cache input {past} is {kind} {shape}, "
-                                       f"expected float [batch, context, width]")
-                if isinstance(shape[1], int):
-                    contexts.add(shape[1])
-                caches.append(CacheSpec(past, present, shape[2], dtype))
+                # an int8 cache (perseus quantize --kv-cache int8) has a per-row scale buffer beside each slot
+                scale = mf.cache_scale_slot(slot)
+                slots = [slot, scale] if mf.past_name(layer, scale) in inputs else [slot]
+                for name in slots:
+                    past, present = mf.past_name(layer, name), mf.present_name(layer, name)
+                    if past not in inputs or present not in outputs:
+                        raise PerseusError(f"{where} lacks cache {past} / {present} "
+                                           f"(config.json and graph disagree)")
+                    shape, kind = inputs[past].shape, inputs[past].type
+                    dtype = _CACHE_TYPES.get(kind)
+                    if dtype is None or len(shape) != 3 or not isinstance(shape[2], int):
+                        raise PerseusError(f"{where}: cache input {past} is {kind} {shape}, "
+                                           f"expected float or int8 [batch, context, width]")
+                    if isinstance(shape[1], int):
+                        contexts.add(shape[1])
+                    caches.append(CacheSpec(past, present, shape[2], dtype))
         if len(contexts) > 1:
             raise PerseusError(f"{where}: cache inputs disagree on the context length {sorted(contexts)}")
         max_context = (contexts.pop() if contexts

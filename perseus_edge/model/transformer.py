@@ -195,7 +195,7 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.weight = nn.Parameter(torch.randn(cfg.n_routed_experts, cfg.hidden_size) * cfg.initializer_range)
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
         # Tokens routed to each expert since the last update (not saved in checkpoints).
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
@@ -320,9 +320,7 @@ class PerseusLM(nn.Module):
                 nn.init.normal_(p, std=cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers))
 
     def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=self.cfg.initializer_range)
-        elif isinstance(m, Router):
+        if isinstance(m, (nn.Linear, nn.Embedding, Router)):
             nn.init.normal_(m.weight, std=self.cfg.initializer_range)
 
     def rope_dim(self) -> int:

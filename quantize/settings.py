@@ -1,0 +1,128 @@
+"""Schemes, hardware targets and the resolved plan of one `perseus quantize` run (no onnx import).
+
+Target settings follow optimum's `AutoQuantizationConfig` for dynamic int8 (activations uint8
+per tensor, weights int8 symmetric per channel) and onnxruntime's advice for its kernels:
+
+| target      | int8 weights        | reduce_range | int4 MatMulNBits accuracy_level |
+|-------------|---------------------|--------------|---------------------------------|
+| avx512_vnni | int8 (u8 x s8 VNNI) | no           | 4 (int8 activations, VNNI dot products) |
+| avx512      | int8                | yes (7-bit: VPMADDUBSW saturation without VNNI) | 4 |
+| avx2        | uint8, zero point 128 (optimum's avx2: u8 x u8) | yes | 4 |
+| arm64       | int8 (u8 x s8)      | no           | 4 (SDOT/UDOT or I8MM kernels)   |
+
+avx512_vnni and arm64 give the same bits (as optimum's two configs do); onnxruntime picks the
+instruction set at run time, so one int8 folder serves both.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass, field
+
+from perseus_edge.errors import PerseusError
+
+SCHEMES = ("int8", "int4", "fp16", "fp32")
+KV_CACHES = ("fp32", "int8")
+TABLE_CHOICES = ("fp32", "int8", "int4")
+INT4_METHODS = ("rtn", "mse")
+
+
+@dataclass(frozen=True)
+class Target:
+    unsigned_int8: bool
+    reduce_range: bool
+    accuracy_level: int
+
+
+TARGETS = {
+    "avx512_vnni": Target(unsigned_int8=False, reduce_range=False, accuracy_level=4),
+    "avx512": Target(unsigned_int8=False, reduce_range=True, accuracy_level=4),
+    "avx2": Target(unsigned_int8=True, reduce_range=True, accuracy_level=4),
+    "arm64": Target(unsigned_int8=False, reduce_range=False, accuracy_level=4),
+}
+
+# what the embedding table and the LM head get by default, per scheme (measured: README.md)
+DEFAULT_TABLES = {"int8": ("int8", "int8"), "int4": ("int4", "int4"), "fp16": ("fp32", "fp32"),
+                  "fp32": ("fp32", "fp32")}
+
+
+def host_target() -> str:
+    """The target of the machine running this: arm64, or the best x86 level its CPU reports."""
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64"):
+        return "arm64"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        return "avx512_vnni"
+    if "avx512bw" in flags:
+        return "avx512"
+    return "avx2"
+
+
+def resolve_target(target: str | None) -> str:
+    if target in (None, "", "auto"):
+        return host_target()
+    if target not in TARGETS:
+        raise PerseusError(f"unknown target {target!r} (choose from auto, {', '.join(TARGETS)})")
+    return target
+
+
+@dataclass
+class Plan:
+    """Every setting of one run, validated; stored in the manifest under `quantization`."""
+
+    scheme: str
+    target: str = "auto"
+    kv_cache: str = "fp32"
+    block_size: int = 32
+    method: str = "rtn"
+    embeddings: str | None = None
+    lm_head: str | None = None
+    calibration: dict = field(default_factory=dict)  # mse: {"batches", "seq_len", "split"}
+
+    @classmethod
+    def make(cls, scheme: str, target: str | None = "auto", kv_cache: str = "fp32", block_size: int = 32,
+             method: str = "rtn", embeddings: str | None = None, lm_head: str | None = None,
+             calibration: int | dict | None = None, **unknown) -> "Plan":
+        if unknown:
+            raise PerseusError(f"unknown quantization option(s): {', '.join(sorted(unknown))}")
+        if scheme not in SCHEMES:
+            raise PerseusError(f"unknown scheme {scheme!r} (choose from {', '.join(SCHEMES)})")
+        if kv_cache not in KV_CACHES:
+            raise PerseusError(f"unknown --kv-cache {kv_cache!r} (choose from {', '.join(KV_CACHES)})")
+        if scheme == "fp32" and kv_cache == "fp32":
+            raise PerseusError("scheme fp32 leaves the weights as they are: it only makes sense with --kv-cache int8")
+        if method not in INT4_METHODS:
+            raise PerseusError(f"unknown method {method!r} (choose from {', '.join(INT4_METHODS)})")
+        if block_size < 16 or block_size & (block_size - 1):
+            raise PerseusError(f"--block-size must be a power of two >= 16, got {block_size}")
+        default_embed, default_head = DEFAULT_TABLES[scheme]
+        embeddings, lm_head = embeddings or default_embed, lm_head or default_head
+        for name, value in (("embeddings", embeddings), ("lm-head", lm_head)):
+            if value not in TABLE_CHOICES:
+                raise PerseusError(f"unknown --{name} {value!r} (choose from {', '.join(TABLE_CHOICES)})")
+            if scheme in ("fp16", "fp32") and value != "fp32":
+                raise PerseusError(f"--{name} {value} needs scheme int8 or int4")
+        if isinstance(calibration, int):
+            calibration = {"batches": calibration}
+        calibration = dict(calibration or {})
+        if calibration and method != "mse":
+            raise PerseusError("calibration data is only used by --method mse")
+        if calibration:
+            calibration = {"split": "train", "seq_len": 256, "batch_size": 8, **calibration}
+        return cls(scheme, resolve_target(target), kv_cache, block_size, method, embeddings, lm_head,
+                   calibration)
+
+    @property
+    def settings(self) -> Target:
+        return TARGETS[self.target]
+
+    @property
+    def kind_suffix(self) -> str:
+        return self.scheme + ("-kv8" if self.kv_cache == "int8" else "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
