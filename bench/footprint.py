@@ -16,7 +16,8 @@ Measured (`probe`, in a fresh torch-free process, /proc/self/status):
                           activation arena / allocations; its file-backed growth is memory-mapped
                           weights read for the first time (the sparse MoE kernel reads its experts
                           from the mapping; prepacked MatMul weights were copied at session creation)
-  decode                  after `decode` single-token steps; peak = getrusage high-water mark
+  decode                  after `decode` single-token steps; peak = VmHWM, this process's RSS
+                          high-water mark
 The stacked bar splits the RSS after decode into: weights (per component), cache, activations
 (first-run delta), runtime overhead (what remains above the base besides weights and cache:
 prepacked weight copies, ORT's own allocations and code), and the interpreter + libraries base.
@@ -44,7 +45,6 @@ def probe(model_dir: str, threads: int = 1, prefill: int = 256, decode: int = 16
     from perseus_edge.bench.worker import rss_now
     from perseus_edge.runtime.cache import KVCache
     from perseus_edge.runtime.session import GraphSpec, create_session, open_folder
-    from perseus_edge.runtime.timings import peak_rss_bytes
 
     stages = {"base": rss_now()}
     folder = open_folder(model_dir, verify=False)
@@ -69,7 +69,7 @@ def probe(model_dir: str, threads: int = 1, prefill: int = 256, decode: int = 16
         binding.bind_output("logits")
         session.run_with_iobinding(binding)
     stages["decode"] = rss_now()
-    return {"stages": stages, "peak_rss": peak_rss_bytes(), "cache_nbytes": cache.nbytes,
+    return {"stages": stages, "peak_rss": stages["decode"]["peak"], "cache_nbytes": cache.nbytes,
             "prefill": n, "decode": decode, "threads": threads}
 
 

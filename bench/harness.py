@@ -151,7 +151,7 @@ def quantizer() -> Callable | None:
 def _quantize(src: Path, out: Path, scheme: str, log) -> Path:
     from perseus_edge.manifest import read_manifest, sha256_file
 
-    stamp = out / ".bench-source"
+    stamp = out.parent / f"{out.name}.source-sha256"  # beside the folder: its manifest stays exact
     src_sha = sha256_file(src / "manifest.json")
     if stamp.is_file() and stamp.read_text().strip() == src_sha:
         try:
@@ -177,12 +177,17 @@ def prepare_subject(key: str, source: str, arch: str | None, cfg: BenchConfig, t
         preset_name = source.split(":", 1)[1]
         ckpt = _random_checkpoint(work, preset_name, arch or "moe-mla-rope", cfg.seed, log)
         trained = False
+        kind = "random init"
     else:
+        from perseus_edge.manifest import read_manifest
+
         ckpt = Path(source)
-        trained = True
+        meta = read_manifest(ckpt)
+        trained = "source_run" in meta and not meta.get("random_init")
+        kind = "trained" if trained else ("random init" if meta.get("random_init") else "checkpoint")
     mcfg = config_from_json(json.loads((ckpt / "config.json").read_text()))
     counts = mcfg.param_counts()
-    label = f"{key.split()[0]} {mcfg.arch} ({'trained' if trained else 'random init'})"
+    label = f"{key.split()[0]} {mcfg.arch} ({kind})"
     subj = Subject(key, label, mcfg.arch, ckpt, trained, counts["total"], counts["active"])
     slug = key.replace(" ", "-")
     for target in targets:  # (a dense model has nothing to lower: its ort-cpu graph is the portable one)
@@ -420,7 +425,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
                     continue
                 for c in cfg.profile_contexts:
                     prof = op_profile(p, threads=1, context=c, steps=16 if cfg.quick else 32)
-                    profs.append({"model": s.label, "model_key": s.key, "target": t, "variant": v, **prof})
+                    profs.append({**prof, "model_dir": prof["model"], "model": s.label, "model_key": s.key,
+                                  "target": t, "variant": v})
         result["op_profile"] = profs
     if cfg.parity and cfg.torch:
         from perseus_edge.bench.gpu_reference import cpu_parity
@@ -453,9 +459,14 @@ def _max_context(subj: Subject) -> int:
 
 
 def _subject_json(s: Subject) -> dict:
+    """The subject as recorded in bench.json: enough for the report without the work dir."""
+    from perseus_edge.bench.graphinfo import cache_layout, weight_breakdown
+
+    info = {f"{t} {v}": {"path": str(p), "weights_bytes": sum(weight_breakdown(p).values()),
+                         "cache": cache_layout(p)} for (t, v), p in sorted(s.folders.items())}
     return {"key": s.key, "label": s.label, "arch": s.arch, "checkpoint": str(s.checkpoint), "trained": s.trained,
             "params": s.params, "active_params": s.active_params, "notes": s.notes,
-            "folders": {f"{t} {v}": str(p) for (t, v), p in sorted(s.folders.items())}}
+            "folders": {k: v["path"] for k, v in info.items()}, "folder_info": info}
 
 
 def _jsonable(x):

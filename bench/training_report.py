@@ -652,13 +652,13 @@ def write_readme(runs, summary, mva, arch, proj, thr, default_check) -> str:
       f"embeddings/head/norms/router), {r['steps']} steps, {r['tokens']} tokens, final val loss "
       f"{r['final_val_loss']}, final train loss {r['final_train_loss']}; re-saved as bf16 safetensors shards "
       "(<= 15 MiB) by `train_suite.py package` and carried back as 15 MiB tar pieces. Command: "
-      f"[#{summary.index(r) + 1}](#c{summary.index(r) + 1}).")
+      f"[#{summary.index(r) + 1}](#c{summary.index(r) + 1}).\n")
     if default_check:
-        w(f" Check: re-evaluated on CPU in fp32 from the bf16 weights with train.py's `evaluate` on the same "
+        w(f"Check: re-evaluated on CPU in fp32 from the bf16 weights with train.py's `evaluate` on the same "
           f"16 x 64 x 256 validation windows: val loss {default_check['val_loss_cpu_fp32_from_bf16_weights']} "
           f"(logged on the GPU: {r['final_val_loss']}; call2's 60-step run of the same name had "
           f"{next(x for x in summary if x['call'] == 'call2' and x['name'] == r['name'])['final_val_loss']}), so "
-          "the default is the call4 run.")
+          "the default is the call4 run.\n")
     w("It is a 3.6M-token model (~0.2 tokens/param): a working, far-from-converged default.\n")
 
     w("## Commands\n")

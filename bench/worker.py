@@ -40,9 +40,15 @@ import numpy as np
 
 
 def rss_now() -> dict:
-    """Resident set of this process: total, anonymous and file-backed bytes (Linux; else 0)."""
-    out = {"rss": 0, "anon": 0, "file": 0}
-    keys = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file"}
+    """Resident set of this process: total, anonymous and file-backed bytes, and the high-water
+    mark `peak` (Linux /proc; 0 elsewhere).
+
+    The peak is VmHWM, the high-water mark of this process image's own memory map. Not
+    getrusage's ru_maxrss: Linux carries that across fork + exec, so a worker started by a
+    parent that had imported torch would report the parent's peak as its own.
+    """
+    out = {"rss": 0, "anon": 0, "file": 0, "peak": 0}
+    keys = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "VmHWM": "peak"}
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -148,9 +154,8 @@ class Worker:
         if cmd == "tg":
             return {"tok_s": self.tg(int(req["n"]), int(req["context"]))}
         if cmd == "stats":
-            from perseus_edge.runtime.timings import peak_rss_bytes
-
-            return {"peak_rss_bytes": peak_rss_bytes(), **rss_now(), "cache_bytes": int(self.backend.cache_bytes)}
+            now = rss_now()
+            return {"peak_rss_bytes": now["peak"], **now, "cache_bytes": int(self.backend.cache_bytes)}
         raise ValueError(f"unknown request {req!r}")
 
 

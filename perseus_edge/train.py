@@ -270,13 +270,14 @@ def train(cfg: TrainConfig) -> dict:
         tokens_since += tokens_per_step
 
         last = step + 1 == cfg.steps
-        log_now = (step + 1) % cfg.log_every == 0 or last
+        evaluating = (step + 1) % cfg.eval_every == 0 or last
+        log_now = (step + 1) % cfg.log_every == 0 or evaluating
         if log_now:  # the global batch's loss, not just this rank's share
             mean_loss = loss.detach().clone()
             if world > 1:
                 dist.all_reduce(mean_loss)
                 mean_loss /= world
-        if (step + 1) % cfg.eval_every == 0 or last:
+        if evaluating:
             val_loss = evaluate(model, valid_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches, device, autocast)
         if master and log_now:
             if device.type == "cuda":
@@ -290,7 +291,7 @@ def train(cfg: TrainConfig) -> dict:
                 record["mfu"] = round(tok_s * flops_per_token / (H100_BF16_PEAK * world), 4)
             if balance is not None:
                 record["expert_load_max_over_mean"] = [round(b, 3) for b in balance]
-            if (step + 1) % cfg.eval_every == 0 or last:
+            if evaluating:
                 record["val_loss"] = round(val_loss, 5)
             log.write(json.dumps(record) + "\n")
             log.flush()

@@ -23,9 +23,8 @@ def quantize_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sch
     """Quantize the model folder `model_dir` into `out_dir`; returns `out_dir`.
 
     options: target ("auto" | avx512_vnni | avx512 | avx2 | arm64), kv_cache ("fp32" | "int8"),
-    block_size (int4: 32 or 64...), method (int4: "rtn" | "mse"), embeddings / lm_head
-    ("fp32" | "int8" | "int4"; defaults per scheme), calibration (int4 mse: train-split
-    batches for activation-weighted errors). See `pipeline.quantize_model`.
+    block_size (int4: a power of two >= 16), method (int4: "rtn" | "hqq"), embeddings / lm_head
+    ("fp32" | "int8" | "int4"; defaults per scheme). See `pipeline.quantize_model`.
     """
     from perseus_edge.quantize.pipeline import quantize_model as run
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from perseus_edge import __version__
@@ -105,22 +106,21 @@ def apply(model, plan: Plan, src: Path) -> dict:
         done["fp16_weights"] = len(rw.weights_to_fp16(model))
     elif plan.scheme in ("int8", "int4"):
         weights = matmul_quant(plan, plan.scheme)
-        importance = calibrate(model, plan, src) if plan.calibration else None
         if plan.embeddings != "fp32":
-            done["embeddings"] = rw.quantize_embedding(model, 8 if plan.embeddings == "int8" else 4,
-                                                       plan.block_size)
+            done["embedding_table"] = rw.quantize_embedding(model, 8 if plan.embeddings == "int8" else 4,
+                                                            plan.block_size)
         head = lm_head_weight(model)
         if head and plan.lm_head != "fp32":
-            rw.quantize_matmuls(model, matmul_quant(plan, plan.lm_head), skip=_all_but(model, head),
-                                importance=importance)
-            done["lm_head"] = head
+            rw.quantize_matmuls(model, matmul_quant(plan, plan.lm_head), skip=_all_but(model, head))
+            done["lm_head_weight"] = head
         skip = {head} if head else set()
-        done["matmuls"] = len(rw.quantize_matmuls(model, weights, skip=skip, importance=importance))
-        done["expert_weights"] = len(rw.quantize_op_weights(model, mf.OP_MOE, EXPERT_WEIGHTS, weights,
-                                                            importance=importance))
+        done["matmuls"] = len(rw.quantize_matmuls(model, weights, skip=skip))
+        done["expert_weights"] = len(rw.quantize_op_weights(model, mf.OP_MOE, EXPERT_WEIGHTS, weights))
         done["absorbed_int8"] = len(rw.store_int8(model, mf.OP_LATENT_ATTENTION, ABSORBED_WEIGHTS))
         if any(n.domain == rw.MS_DOMAIN and n.op_type == "MoE" for n in model.graph.node):
-            done["qmoe"] = rw.lower_qmoe(model, weights)
+            # ort-cpu folders: QMoE takes only integer zero points, so its experts use rtn
+            experts = replace(weights, method="rtn") if weights.kind == "nbits" else weights
+            done["qmoe"] = rw.lower_qmoe(model, experts)
         done["weights"] = weights.describe()
     if plan.kv_cache == "int8":
         done["cache_slots_int8"] = rw.int8_cache(model)
@@ -150,12 +150,6 @@ def lm_head_weight(model) -> str | None:
 
 def _all_but(model, keep: str) -> set[str]:
     return {t.name for t in model.graph.initializer if t.name != keep}
-
-
-def calibrate(model, plan: Plan, src: Path) -> dict:
-    from perseus_edge.quantize.calibrate import importance
-
-    return importance(model, src, **plan.calibration)
 
 
 # ----------------------------------------------------------------------------- save and check

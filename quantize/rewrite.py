@@ -55,7 +55,7 @@ class MatMulQuant:
     method: str = "rtn"
     accuracy_level: int = 0
 
-    def tensors(self, w: np.ndarray, importance: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def tensors(self, w: np.ndarray) -> dict[str, np.ndarray]:
         """The initializers that replace w, keyed by role (q, scale, zero_point)."""
         if self.kind == "int8":
             t = qw.quantize_int8(w, unsigned=self.unsigned, reduce_range=self.reduce_range)
@@ -63,14 +63,14 @@ class MatMulQuant:
             if self.unsigned:
                 out["zero_point"] = t.zero_point
             return out
-        t = qw.quantize_blockwise(w, self.bits, self.block_size, self.symmetric, self.method, importance)
+        t = qw.quantize_blockwise(w, self.bits, self.block_size, self.symmetric, self.method)
         out = {"q": t.packed, "scale": t.scales}
         if t.zero_points is not None:
             out["zero_point"] = t.zero_points
         return out
 
     def roles(self) -> list[str]:
-        has_zero = self.unsigned if self.kind == "int8" else not self.symmetric
+        has_zero = self.unsigned if self.kind == "int8" else not self.symmetric  # hqq: float zero points
         return ["q", "scale"] + (["zero_point"] if has_zero else [])
 
     def emit(self, b: Builder, x: str, names: dict[str, str], k: int, n: int, out: str | None = None,
@@ -134,8 +134,7 @@ def _replace_nodes(container, new_nodes: list) -> None:
 
 
 # ----------------------------------------------------------------------------- main-graph matmuls
-def quantize_matmuls(model: onnx.ModelProto, quant: MatMulQuant, skip: set[str] = frozenset(),
-                     importance: dict[str, np.ndarray] | None = None) -> list[str]:
+def quantize_matmuls(model: onnx.ModelProto, quant: MatMulQuant, skip: set[str] = frozenset()) -> list[str]:
     """Quantize every main-graph MatMul whose B is a 2-D float initializer (names in `skip` stay).
     Returns the quantized weight names."""
     inits = initializers(model)
@@ -150,7 +149,7 @@ def quantize_matmuls(model: onnx.ModelProto, quant: MatMulQuant, skip: set[str] 
         w = numpy_helper.to_array(t)
         b.scope = f"{w_name}/q"
         names = {role: add_initializer(model, f"{w_name}.{role}", arr)
-                 for role, arr in quant.tensors(w, (importance or {}).get(w_name)).items()}
+                 for role, arr in quant.tensors(w).items()}
         start = len(b.nodes)
         quant.emit(b, node.input[0], names, w.shape[0], w.shape[1], out=node.output[0], dq_cache=dq_cache)
         nodes.extend(b.nodes[start:])
@@ -163,8 +162,7 @@ def quantize_matmuls(model: onnx.ModelProto, quant: MatMulQuant, skip: set[str] 
 
 
 # ----------------------------------------------------------------------------- weights of a perseus op
-def quantize_op_weights(model: onnx.ModelProto, op: str, formals: list[str], quant: MatMulQuant,
-                        importance: dict[str, np.ndarray] | None = None) -> list[str]:
+def quantize_op_weights(model: onnx.ModelProto, op: str, formals: list[str], quant: MatMulQuant) -> list[str]:
     """Quantize the 2-D weights that the function `op` multiplies by (its formal inputs `formals`).
 
     Inside the function body each `MatMul(a, formal)` becomes `quant`'s matmul over new formal
@@ -217,7 +215,7 @@ def quantize_op_weights(model: onnx.ModelProto, op: str, formals: list[str], qua
         for i, arg in enumerate(call.input):
             if i < len(original) and original[i] in formals:
                 w = numpy_helper.to_array(inits[arg])
-                tensors = quant.tensors(w, (importance or {}).get(arg))
+                tensors = quant.tensors(w)
                 new_args += [add_initializer(model, f"{arg}.{r}", tensors[r]) for r in roles]
                 done.append(arg)
             else:

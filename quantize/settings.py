@@ -17,14 +17,14 @@ instruction set at run time, so one int8 folder serves both.
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from perseus_edge.errors import PerseusError
 
 SCHEMES = ("int8", "int4", "fp16", "fp32")
 KV_CACHES = ("fp32", "int8")
 TABLE_CHOICES = ("fp32", "int8", "int4")
-INT4_METHODS = ("rtn", "mse")
+INT4_METHODS = ("rtn", "hqq")
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,11 @@ class Plan:
     method: str = "rtn"
     embeddings: str | None = None
     lm_head: str | None = None
-    calibration: dict = field(default_factory=dict)  # mse: {"batches", "seq_len", "split"}
 
     @classmethod
     def make(cls, scheme: str, target: str | None = "auto", kv_cache: str = "fp32", block_size: int = 32,
              method: str = "rtn", embeddings: str | None = None, lm_head: str | None = None,
-             calibration: int | dict | None = None, **unknown) -> "Plan":
+             **unknown) -> "Plan":
         if unknown:
             raise PerseusError(f"unknown quantization option(s): {', '.join(sorted(unknown))}")
         if scheme not in SCHEMES:
@@ -106,15 +105,7 @@ class Plan:
                 raise PerseusError(f"unknown --{name} {value!r} (choose from {', '.join(TABLE_CHOICES)})")
             if scheme in ("fp16", "fp32") and value != "fp32":
                 raise PerseusError(f"--{name} {value} needs scheme int8 or int4")
-        if isinstance(calibration, int):
-            calibration = {"batches": calibration}
-        calibration = dict(calibration or {})
-        if calibration and method != "mse":
-            raise PerseusError("calibration data is only used by --method mse")
-        if calibration:
-            calibration = {"split": "train", "seq_len": 256, "batch_size": 8, **calibration}
-        return cls(scheme, resolve_target(target), kv_cache, block_size, method, embeddings, lm_head,
-                   calibration)
+        return cls(scheme, resolve_target(target), kv_cache, block_size, method, embeddings, lm_head)
 
     @property
     def settings(self) -> Target:

@@ -1,0 +1,51 @@
+"""Quantize CLI command: `perseus quantize MODEL_DIR -o OUT_DIR --scheme SCHEME`.
+
+onnx and onnxruntime are imported when the command runs (torch never), so the CLI starts on any
+install and quantization itself runs on the deploy side.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def quantize(
+    model_dir: Path = typer.Argument(..., help="Exported (fp32) model folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Quantized model folder to write."),
+    scheme: str = typer.Option(..., "--scheme",
+                               help="int8 (dynamic int8 matmuls), int4 (block-wise weight-only, MatMulNBits), "
+                                    "fp16 (weight storage) or fp32 (weights untouched; with --kv-cache int8)."),
+    target: str = typer.Option("auto", "--target",
+                               help="Hardware settings: auto (this machine), avx512_vnni, avx512, avx2, arm64."),
+    kv_cache: str = typer.Option("fp32", "--kv-cache", help="fp32, or int8 (per-token scales, ~3.8x fewer bytes)."),
+    block_size: int = typer.Option(32, "--block-size", help="int4: weights per scale (power of two >= 16)."),
+    method: str = typer.Option("rtn", "--method",
+                               help="int4: rtn (round to nearest) or hqq (float zero points: lower error, "
+                                    "but onnxruntime 1.32 runs them ~8x slower)."),
+    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="fp32, int8 or int4 (default: the scheme's)."),
+    lm_head: Optional[str] = typer.Option(None, "--lm-head", help="fp32, int8 or int4 (default: the scheme's)."),
+    force: bool = typer.Option(False, "--force", help="Replace the output folder whatever it holds."),
+) -> None:
+    """Quantize an exported model folder (perseus ops kept; manifest records the scheme)."""
+    from perseus_edge.quantize import quantize_model
+    from perseus_edge.quantize.settings import Plan
+
+    plan = Plan.make(scheme, target=target, kv_cache=kv_cache, block_size=block_size, method=method,
+                     embeddings=embeddings, lm_head=lm_head)  # bad options fail before any work
+    start = time.perf_counter()
+    out = quantize_model(model_dir, output, scheme, force=force, target=target, kv_cache=kv_cache,
+                         block_size=block_size, method=method, embeddings=embeddings, lm_head=lm_head)
+
+    def size(folder: Path) -> float:
+        return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 2**20
+
+    print(f"quantized {model_dir} -> {out} ({plan.kind_suffix}, target {plan.target}; "
+          f"{size(Path(model_dir)):.1f} MiB -> {size(out):.1f} MiB) in {time.perf_counter() - start:.1f}s")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(quantize)
