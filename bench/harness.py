@@ -61,11 +61,16 @@ class BenchConfig:
     targets: list = field(default_factory=lambda: list(TARGETS))
     schemes: list = field(default_factory=lambda: list(SCHEMES))  # used only when the quantizer exists
     torch: bool = True
+    # libgomp's idle threads spin by default (OMP_WAIT_POLICY unset); on a shared 2-core machine
+    # that makes 2-thread torch several times slower than 1 thread. PASSIVE is the stronger
+    # baseline here; "" leaves the environment as it is. The threading group measures both.
+    torch_omp_policy: str = "PASSIVE"
+    threading_check: bool = True  # the small group comparing wait policies at the largest thread count
     # architecture comparison: arch -> checkpoint ("random:54m" for each by default); {} = skip
     archs: dict = field(default_factory=lambda: {a: "random:54m" for a in ARCHS})
     arch_threads: list = field(default_factory=lambda: [1, 2])
     arch_contexts: list = field(default_factory=lambda: [16, 900])
-    arch_pp: list = field(default_factory=lambda: [256])
+    arch_pp: list = field(default_factory=list)
     roofline: bool = True
     footprint: bool = True
     op_profile: bool = True
@@ -216,20 +221,25 @@ def _ckpt_tag(ckpt: Path) -> str:
 class WorkerProcess:
     """A `worker.py` process: send a request line, read the answer line."""
 
-    def __init__(self, backend: str, path: Path, threads: int, prompt: list[int]):
+    def __init__(self, backend: str, path: Path, threads: int, prompt: list[int], env: dict | None = None,
+                 spin: int | None = None):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   OPENBLAS_NUM_THREADS="1")
+                   OPENBLAS_NUM_THREADS="1", **(env or {}))
+        self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr (a pipe could fill and block)
         self.proc = subprocess.Popen([sys.executable, "-m", "perseus_edge.bench.worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.ready = self.ask({"backend": backend, "path": str(path), "threads": threads, "prompt": prompt})
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        self.ready = self.ask({"backend": backend, "path": str(path), "threads": threads, "prompt": prompt,
+                               "spin": spin})
 
     def ask(self, req: dict) -> dict:
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            err = self.proc.stderr.read()[-2000:]
-            raise PerseusError(f"benchmark worker died: {err.strip()}")
+            code = self.proc.wait()
+            self.log.seek(0)
+            tail = self.log.read()[-1500:].strip()
+            raise PerseusError(f"benchmark worker died (exit code {code}) on {req.get('cmd', 'load')}: {tail}")
         out = json.loads(line)
         if "error" in out:
             raise PerseusError(f"benchmark worker: {out['error']}")
@@ -241,6 +251,7 @@ class WorkerProcess:
             self.proc.wait(timeout=30)
         except Exception:  # noqa: BLE001
             self.proc.kill()
+        self.log.close()
 
 
 @dataclass
@@ -251,6 +262,24 @@ class Job:
     target: str  # portable | ort-cpu (torch: the checkpoint)
     path: Path
     threads: int
+    env: dict = field(default_factory=dict)  # extra environment of the worker (OMP_WAIT_POLICY)
+    spin: int | None = None  # ORT intra-op spinning override (None: the runtime's own choice)
+
+    @property
+    def policy(self) -> str:
+        """How idle worker threads wait: what decides 2-thread speed on a shared machine."""
+        if self.backend == BACKEND_TORCH:
+            return f"OMP {self.env.get('OMP_WAIT_POLICY', 'default').lower()}"
+        if self.threads == 1:
+            return "-"
+        spinning = self.spin if self.spin is not None else 1  # runtime: spinning on for threads > 1
+        return "ORT spin" + ("" if spinning else " off") + (" (runtime default)" if self.spin is None else "")
+
+
+def torch_job(subj: "Subject", threads: int, cfg: "BenchConfig", policy: str | None = None) -> Job:
+    policy = cfg.torch_omp_policy if policy is None else policy
+    env = {"OMP_WAIT_POLICY": policy} if policy else {}
+    return Job(subj, BACKEND_TORCH, "fp32", "checkpoint", subj.checkpoint, threads, env)
 
 
 def _loadavg() -> list[float]:
@@ -266,7 +295,7 @@ def run_group(jobs: list[Job], tests: list[tuple], reps: int, prompt: list[int],
     try:
         for job in jobs:
             workers.append(WorkerProcess("torch" if job.backend == BACKEND_TORCH else "onnx", job.path,
-                                         job.threads, prompt))
+                                         job.threads, prompt, job.env, job.spin))
         samples: dict[tuple, list[float]] = {}
         load = [_loadavg()]
         for rnd in range(reps + 1):  # round 0: warm-up, discarded
@@ -289,7 +318,7 @@ def run_group(jobs: list[Job], tests: list[tuple], reps: int, prompt: list[int],
         records.append({
             "model": job.subject.label, "model_key": job.subject.key, "arch": job.subject.arch,
             "trained": job.subject.trained, "backend": job.backend, "variant": job.variant,
-            "target": job.target, "threads": job.threads, "test": kind, "n_tokens": n, "context": ctx,
+            "target": job.target, "threads": job.threads, "policy": job.policy, "test": kind, "n_tokens": n, "context": ctx,
             "tok_s_median": statistics.median(ts), "tok_s_min": min(ts), "tok_s_max": max(ts), "tok_s": ts,
             "reps": len(ts), "peak_rss_bytes": st["peak_rss_bytes"], "cache_bytes": st["cache_bytes"],
             "size_bytes": size, "params": job.subject.params, "active_params": job.subject.active_params,
@@ -374,7 +403,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
         ctx = _max_context(subj)
         tests = _tests(cfg.pp, cfg.tg, cfg.contexts, ctx)
         for threads in cfg.threads:
-            jobs = ([Job(subj, BACKEND_TORCH, "fp32", "checkpoint", subj.checkpoint, threads)] if cfg.torch else [])
+            jobs = [torch_job(subj, threads, cfg)] if cfg.torch else []
             jobs += [Job(subj, backend_name(t), v, t, p, threads) for (t, v), p in sorted(subj.folders.items())]
             log(f"  {subj.label}, threads {threads}: {len(jobs)} workers x {len(tests)} tests x {cfg.reps} reps")
             records += run_group(jobs, tests, cfg.reps, prompt, "main", log)
@@ -386,10 +415,24 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
             jobs = []
             for s in arch_subjects:
                 if cfg.torch:
-                    jobs.append(Job(s, BACKEND_TORCH, "fp32", "checkpoint", s.checkpoint, threads))
+                    jobs.append(torch_job(s, threads, cfg))
                 jobs.append(Job(s, backend_name("ort-cpu"), "fp32", "ort-cpu", s.folders[("ort-cpu", "fp32")], threads))
             log(f"  architectures, threads {threads}: {len(jobs)} workers x {len(tests)} tests x {cfg.reps} reps")
             records += run_group(jobs, tests, cfg.reps, prompt, "arch", log)
+    threads_max = max(cfg.threads)
+    if cfg.threading_check and threads_max > 1 and subjects:
+        subj = subjects[0]
+        prompt = prompt_ids(subj.checkpoint / "tokenizer.json", need)
+        tests = _tests([], cfg.tg, cfg.contexts[:1], _max_context(subj))
+        jobs = []
+        if cfg.torch:
+            jobs += [torch_job(subj, threads_max, cfg, "ACTIVE"), torch_job(subj, threads_max, cfg, "PASSIVE")]
+        for target in cfg.targets:
+            path = subj.folders[(target, "fp32")]
+            jobs += [Job(subj, backend_name(target), "fp32", target, path, threads_max),
+                     Job(subj, backend_name(target), "fp32", target, path, threads_max, spin=0)]
+        log(f"  threading policies, {subj.label}, threads {threads_max}: {len(jobs)} workers")
+        records += run_group(jobs, tests, cfg.reps, prompt, "threading", log)
 
     log("3/4 analysis")
     result = {"meta": {"command": cfg.command, "config": _jsonable(asdict(cfg)), "machine": machine_info(),
@@ -481,7 +524,7 @@ def roofline_rows(records: list[dict], subjects: list[Subject], peaks: dict) -> 
     by_label = {s.label: s for s in subjects}
     rows, costs = [], {}
     for r in records:
-        if r["test"] != "tg" or str(r["threads"]) not in peaks:
+        if r["test"] != "tg" or str(r["threads"]) not in peaks or r["group"] not in ("main", "arch"):
             continue
         subj = by_label.get(r["model"])
         if subj is None:

@@ -9,7 +9,8 @@ its peak RSS is that backend's, and torch never shares a process with the ONNX r
 worker does not import torch at all).
 
 Requests (one JSON object per line) and answers:
-    {"backend": "torch"|"onnx", "path": ..., "threads": 2, "prompt": [ids]}  (first line)
+    {"backend": "torch"|"onnx", "path": ..., "threads": 2, "prompt": [ids],
+     "spin": null | 0 | 1}  (first line; spin overrides the runtime's intra-op spinning choice)
                                          -> {"ready": true, "load_s", "max_context", "cache_bytes"}
     {"cmd": "pp", "n": 64}               -> {"tok_s": ...}   one forward over n prompt tokens,
                                              empty cache: tok/s = n / time
@@ -23,6 +24,7 @@ Backends:
          graph (portable, ort-cpu or quantized) with `threads` intra-op threads
   torch  `PerseusLM.forward(ids, cache)` in eager mode on the CPU, `torch.set_num_threads(threads)`:
          the naive baseline, its latent (or K/V) cache grown by concatenation every step
+         (OpenMP settings such as OMP_WAIT_POLICY come from the environment the harness sets)
 
 The prefill before a tg test is done once per context and reused: the ONNX worker keeps a copy
 of the prefilled cache rows and puts them back before each repetition (untimed), the torch
@@ -63,8 +65,20 @@ def rss_now() -> dict:
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, path: str, threads: int):
+    def __init__(self, path: str, threads: int, spin: int | None = None):
         from perseus_edge.runtime.model import Model
+
+        if spin is not None:  # threading-policy experiment: override the runtime's spinning choice
+            from perseus_edge.runtime import session
+
+            runtime_options = session.session_options
+
+            def with_spin(threads=None, low_memory=False):
+                so = runtime_options(threads, low_memory)
+                so.add_session_config_entry("session.intra_op.allow_spinning", str(int(spin)))
+                return so
+
+            session.session_options = with_spin  # this process only
 
         self.model = Model(path, threads=threads, verify=False)
         self.max_context = self.model.max_context
@@ -119,8 +133,10 @@ class Worker:
     def __init__(self, spec: dict):
         self.prompt = np.asarray(spec["prompt"], dtype=np.int64)
         t0 = time.perf_counter()
-        cls = TorchBackend if spec["backend"] == "torch" else OnnxBackend
-        self.backend = cls(spec["path"], int(spec["threads"]))
+        if spec["backend"] == "torch":
+            self.backend = TorchBackend(spec["path"], int(spec["threads"]))
+        else:
+            self.backend = OnnxBackend(spec["path"], int(spec["threads"]), spec.get("spin"))
         self.load_s = time.perf_counter() - t0
         self.prefilled: dict[int, tuple] = {}
 

@@ -134,7 +134,7 @@ def matmul_quant(plan: Plan, kind: str):
     if kind == "int8":
         return MatMulQuant("int8", unsigned=t.unsigned_int8, reduce_range=t.reduce_range)
     return MatMulQuant("nbits", bits=4, block_size=plan.block_size, method=plan.method,
-                       accuracy_level=t.accuracy_level)
+                       accuracy_level=plan.accuracy_level)
 
 
 def lm_head_weight(model) -> str | None:

@@ -81,11 +81,12 @@ class Plan:
     method: str = "rtn"
     embeddings: str | None = None
     lm_head: str | None = None
+    accuracy_level: int | None = None  # MatMulNBits / QMoE; None: the target's
 
     @classmethod
     def make(cls, scheme: str, target: str | None = "auto", kv_cache: str = "fp32", block_size: int = 32,
              method: str = "rtn", embeddings: str | None = None, lm_head: str | None = None,
-             **unknown) -> "Plan":
+             accuracy_level: int | None = None, **unknown) -> "Plan":
         if unknown:
             raise PerseusError(f"unknown quantization option(s): {', '.join(sorted(unknown))}")
         if scheme not in SCHEMES:
@@ -105,7 +106,12 @@ class Plan:
                 raise PerseusError(f"unknown --{name} {value!r} (choose from {', '.join(TABLE_CHOICES)})")
             if scheme in ("fp16", "fp32") and value != "fp32":
                 raise PerseusError(f"--{name} {value} needs scheme int8 or int4")
-        return cls(scheme, resolve_target(target), kv_cache, block_size, method, embeddings, lm_head)
+        if accuracy_level not in (None, 0, 1, 4):
+            raise PerseusError(f"accuracy_level must be 0, 1 or 4, got {accuracy_level}")
+        target = resolve_target(target)
+        if accuracy_level is None:
+            accuracy_level = TARGETS[target].accuracy_level
+        return cls(scheme, target, kv_cache, block_size, method, embeddings, lm_head, accuracy_level)
 
     @property
     def settings(self) -> Target:

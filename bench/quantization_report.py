@@ -1,0 +1,359 @@
+"""Quantization report: perplexity, size, peak RSS and decode speed of every scheme.
+
+    python bench/quantization_report.py                 # ~15 min on 2 cores; writes bench/results/quantization/
+    python bench/quantization_report.py --decode DIR    # one decode measurement (JSON), used by the report
+
+Models: the embedded trained 17M model (perseus_edge/assets/default) and a *randomly initialised*
+preset("54m") model (its perplexity deltas are not quality numbers; its size / speed / RSS are).
+Schemes: fp32 (the export), fp16, int8, int4, int4 + int8 cache, and the int8 cache alone; the
+embedded model also with the exporter's `ort-cpu` target (experts in com.microsoft.QMoE).
+
+Every number comes from the CLI a user would run (`perseus export`, `perseus quantize`,
+`perseus eval --split test --json`) or, for speed and memory, from a fresh process per folder
+running the runtime's Generator (peak RSS = that process's high-water mark). Decode speed is
+the median over rounds; in each round every folder runs once (round-robin), so load from other
+jobs on the shared machine spreads over all schemes alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "results" / "quantization"
+PROMPT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having "
+          "nothing to do")
+# (label, quantize arguments); None = the fp32 export itself
+SCHEMES = [
+    ("fp32", None),
+    ("fp16", ["--scheme", "fp16"]),
+    ("int8", ["--scheme", "int8"]),
+    ("int4", ["--scheme", "int4"]),
+    ("int4+kv8", ["--scheme", "int4", "--kv-cache", "int8"]),
+    ("fp32+kv8", ["--scheme", "fp32", "--kv-cache", "int8"]),
+]
+ORT_CPU_SCHEMES = ["fp32", "int8", "int4"]
+GOALS = {"int8": 1.0, "int4": 3.0}
+
+
+def perseus(*args: str, capture: bool = True) -> str:
+    cmd = [sys.executable, "-m", "perseus_edge.cli", *args]
+    p = subprocess.run(cmd, capture_output=capture, text=True, cwd=REPO)
+    if p.returncode:
+        raise SystemExit(f"failed: perseus {' '.join(args)}\n{p.stderr}")
+    return p.stdout
+
+
+def data_dir() -> Path:
+    """A data folder holding the test split ($PERSEUS_DATA_DIR, the repo copy, the shared one)."""
+    for d in (os.environ.get("PERSEUS_DATA_DIR"), REPO / "data" / "gutenberg",
+              REPO.parent / "shared" / "data" / "gutenberg"):
+        if d and (Path(d) / "test.txt.xz").is_file():
+            return Path(d)
+    raise SystemExit("no data folder with test.txt.xz: set PERSEUS_DATA_DIR")
+
+
+def random_54m(folder: Path) -> Path:
+    """A preset("54m") moe-mla-rope checkpoint with its random initialisation (seed 0)."""
+    if (folder / "manifest.json").is_file():
+        return folder
+    import torch
+
+    from perseus_edge.checkpoint import save_checkpoint
+    from perseus_edge.model.config import preset
+    from perseus_edge.model.transformer import PerseusLM
+
+    torch.manual_seed(0)
+    model = PerseusLM(preset("54m"))
+    save_checkpoint(folder, model, REPO / "perseus_edge" / "assets" / "tokenizer.json")
+    return folder
+
+
+def folder_bytes(folder: Path) -> tuple[int, int]:
+    files = [p for p in folder.iterdir() if p.is_file()]
+    weights = sum(p.stat().st_size for p in files if p.name.startswith("model.onnx"))
+    return sum(p.stat().st_size for p in files), weights
+
+
+# ----------------------------------------------------------------------------- one decode run
+def decode(folder: str, threads: int, tokens: int) -> dict:
+    """Load, warm up, then generate `tokens` greedy tokens after PROMPT; timings and memory."""
+    from perseus_edge.runtime import Generator
+    from perseus_edge.runtime.timings import anon_rss_bytes, peak_rss_bytes
+
+    gen = Generator(folder, threads=threads)
+    gen.generate(PROMPT, 8, temperature=0, ignore_eos=True)
+    result = gen.generate(PROMPT, tokens, temperature=0, ignore_eos=True)
+    t = result.timings
+    return {"decode_tok_s": t.decode_tok_s, "prompt_tok_s": t.prompt_tok_s, "load_s": gen.load_s,
+            "peak_rss_bytes": peak_rss_bytes(), "anon_rss_bytes": anon_rss_bytes(),
+            "cache_bytes": gen.model.cache.nbytes, "threads": threads}
+
+
+def measure_decode(folders: dict[str, Path], threads: int, tokens: int, rounds: int) -> dict[str, dict]:
+    runs: dict[str, list[dict]] = {k: [] for k in folders}
+    for r in range(rounds):
+        for key, folder in folders.items():
+            p = subprocess.run([sys.executable, __file__, "--decode", str(folder), "--threads", str(threads),
+                                "--decode-tokens", str(tokens)], capture_output=True, text=True, cwd=REPO)
+            if p.returncode:
+                raise SystemExit(f"decode run failed for {folder}:\n{p.stderr}")
+            runs[key].append(json.loads(p.stdout.strip().splitlines()[-1]))
+            print(f"  decode round {r + 1}/{rounds} {key}: {runs[key][-1]['decode_tok_s']:.1f} tok/s", flush=True)
+    out = {}
+    for key, rs in runs.items():
+        rates = [x["decode_tok_s"] for x in rs]
+        out[key] = {"decode_tok_s": statistics.median(rates), "decode_tok_s_runs": [round(x, 1) for x in rates],
+                    "prompt_tok_s": statistics.median(x["prompt_tok_s"] for x in rs),
+                    "peak_rss_bytes": int(statistics.median(x["peak_rss_bytes"] for x in rs)),
+                    "anon_rss_bytes": int(statistics.median(x["anon_rss_bytes"] for x in rs)),
+                    "load_s": statistics.median(x["load_s"] for x in rs), "cache_bytes": rs[0]["cache_bytes"]}
+    return out
+
+
+# ----------------------------------------------------------------------------- the report
+def run_model(name: str, fp32: Path, work: Path, batches: int, args, schemes, export_target: str) -> list[dict]:
+    folders = {}
+    for label, qargs in schemes:
+        if qargs is None:
+            folders[label] = fp32
+            continue
+        out = work / label.replace("+", "-")
+        perseus("quantize", str(fp32), "-o", str(out), *qargs, "--force")
+        folders[label] = out
+    records = []
+    data = data_dir()
+    for label, folder in folders.items():
+        start = time.perf_counter()
+        res = json.loads(perseus("eval", str(folder), "--split", "test", "--json", "--max-batches", str(batches),
+                                 "--threads", str(args.threads), "--data-dir", str(data)).strip().splitlines()[-1])
+        print(f"  {name} {export_target} {label}: ppl {res['ppl']:.3f} on {res['tokens']} tokens "
+              f"({time.perf_counter() - start:.0f}s)", flush=True)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        size, weights = folder_bytes(folder)
+        records.append({"model": name, "scheme": label, "export_target": export_target, "kind": manifest["kind"],
+                        "ppl": res["ppl"], "loss": res["loss"], "tokens": res["tokens"], "size_bytes": size,
+                        "weights_bytes": weights, "quantization": manifest.get("quantization"),
+                        "folder": str(folder)})
+    speed = measure_decode(folders, args.threads, args.decode_tokens, args.rounds)
+    base = next(r for r in records if r["scheme"] == "fp32")
+    for r in records:
+        r.update(speed[r["scheme"]])
+        r["ppl_delta_pct"] = 100 * (r["ppl"] / base["ppl"] - 1)
+        r["size_ratio"] = r["size_bytes"] / base["size_bytes"]
+        r["speedup"] = r["decode_tok_s"] / base["decode_tok_s"]
+    return records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--decode", help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/perseus-quantization-report"))
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches-17m", type=int, default=8, help="test batches of 8 x 256 tokens (17m)")
+    ap.add_argument("--batches-54m", type=int, default=2, help="test batches of 8 x 256 tokens (54m)")
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-ort-cpu", action="store_true", help="skip the ort-cpu export rows")
+    args = ap.parse_args()
+    if args.decode:
+        print(json.dumps(decode(args.decode, args.threads, args.decode_tokens)))
+        return
+
+    started = time.perf_counter()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    records = []
+    print("default (trained 17M)", flush=True)
+    default = work / "default"
+    perseus("export", "perseus_edge/assets/default", "-o", str(default / "fp32"), "--force")
+    records += run_model("default-17m", default / "fp32", default, args.batches_17m, args, SCHEMES, "portable")
+    if not args.no_ort_cpu:
+        ortcpu = work / "default-ort-cpu"
+        perseus("export", "perseus_edge/assets/default", "-o", str(ortcpu / "fp32"), "--target", "ort-cpu", "--force")
+        records += run_model("default-17m", ortcpu / "fp32", ortcpu, args.batches_17m, args,
+                             [s for s in SCHEMES if s[0] in ORT_CPU_SCHEMES], "ort-cpu")
+    print("54m (random init)", flush=True)
+    m54 = work / "54m"
+    ckpt = random_54m(m54 / "ckpt")
+    perseus("export", str(ckpt), "-o", str(m54 / "fp32"), "--force")
+    records += run_model("54m-random", m54 / "fp32", m54, args.batches_54m, args, SCHEMES, "portable")
+    for r in records:
+        r["randomly_initialised"] = r["model"] == "54m-random"
+        r["ppl_meaningful"] = not r["randomly_initialised"]
+    elapsed = time.perf_counter() - started
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = environment(args, elapsed)
+    (args.out / "quality.json").write_text(json.dumps({"environment": env, "records": records}, indent=2) + "\n")
+    plot(records, args.out / "size_vs_ppl.png")
+    (args.out / "README.md").write_text(readme(records, env, args))
+    print(f"wrote {args.out} in {elapsed / 60:.1f} min")
+
+
+def environment(args, elapsed: float) -> dict:
+    import onnx
+    import onnxruntime
+
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "python": platform.python_version(),
+            "cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "load_average_at_end": load,
+            "decode_tokens": args.decode_tokens, "rounds": args.rounds, "minutes": round(elapsed / 60, 1),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+# ----------------------------------------------------------------------------- outputs
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, model in zip(axes, ["default-17m", "54m-random"]):
+        rows = [r for r in records if r["model"] == model]
+        for target, marker in (("portable", "o"), ("ort-cpu", "s")):
+            sel = [r for r in rows if r["export_target"] == target]
+            if not sel:
+                continue
+            ax.scatter([r["size_bytes"] / 2**20 for r in sel], [r["ppl_delta_pct"] for r in sel], marker=marker,
+                       label=f"{target} export")
+            for r in sel:
+                ax.annotate(r["scheme"], (r["size_bytes"] / 2**20, r["ppl_delta_pct"]), fontsize=8,
+                            xytext=(4, 4 if target == "portable" else -10), textcoords="offset points")
+        ax.axhline(0, color="grey", lw=0.5)
+        if model == "default-17m":
+            for g, v in GOALS.items():
+                ax.axhline(v, color="red", lw=0.6, ls="--")
+                ax.text(1.0, v, f"{g} goal +{v:g}% ", color="red", fontsize=7, ha="right", va="bottom",
+                        transform=ax.get_yaxis_transform())
+            ax.set_title("embedded 17M model (trained): test perplexity vs size")
+        else:
+            ax.set_title("54m preset, RANDOM init: size only (Δppl not a quality measure)")
+        ax.set_xlabel("model folder size (MiB)")
+        ax.set_ylabel("perplexity change vs fp32 (%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def table(rows: list[dict], meaningful: bool) -> str:
+    head = ("| scheme | export | ppl (test) | Δppl | size MiB | × fp32 | cache MiB @ctx | decode tok/s (runs) "
+            "| × fp32 | prompt tok/s | peak RSS MiB | anon RSS MiB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    lines = []
+    for r in rows:
+        delta = f"{r['ppl_delta_pct']:+.2f}%" if meaningful else f"({r['ppl_delta_pct']:+.2f}%)"
+        lines.append(f"| {r['scheme']} | {r['export_target']} | {r['ppl']:.3f} | {delta} | {_mib(r['size_bytes'])} "
+                     f"| {r['size_ratio']:.2f} | {_mib(r['cache_bytes'])} | {r['decode_tok_s']:.0f} "
+                     f"({', '.join(f'{x:.0f}' for x in r['decode_tok_s_runs'])}) | {r['speedup']:.2f} "
+                     f"| {r['prompt_tok_s']:.0f} | {_mib(r['peak_rss_bytes'])} | {_mib(r['anon_rss_bytes'])} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def readme(records: list[dict], env: dict, args) -> str:
+    d = [r for r in records if r["model"] == "default-17m"]
+    dp = {r["scheme"]: r for r in d if r["export_target"] == "portable"}
+    m54 = [r for r in records if r["model"] == "54m-random"]
+    mp = {r["scheme"]: r for r in m54}
+    goal_lines = []
+    for scheme, goal in GOALS.items():
+        delta = dp[scheme]["ppl_delta_pct"]
+        verdict = "met" if delta <= goal else f"MISSED by {delta - goal:.2f} points"
+        goal_lines.append(f"- **{scheme}**: {delta:+.2f}% perplexity (goal ≤ +{goal:g}%): {verdict}.")
+    cache_fp32 = dp["fp32+kv8"]["ppl_delta_pct"]
+    cache_int4 = 100 * (dp["int4+kv8"]["ppl"] / dp["int4"]["ppl"] - 1)
+    cache_ratio = dp["fp32"]["cache_bytes"] / dp["fp32+kv8"]["cache_bytes"]
+    tokens17, tokens54 = dp["fp32"]["tokens"], mp["fp32"]["tokens"]
+    q = dp["int4"]["quantization"] or {}
+    qm = next((r["quantization"].get("qmoe") for r in d if r["export_target"] == "ort-cpu" and r["scheme"] == "int4"),
+              None) or {}
+    qmoe_note = (f"4-bit blocks of {qm.get('block_size')} with the expert width zero-padded from "
+                 f"{qm.get('expert_width')} to {qm.get('padded_width')}, which the kernel's blocking needs"
+                 if qm else "no ort-cpu rows in this run")
+    return f"""# Quantization report
+
+Produced by `python bench/quantization_report.py` ({env['minutes']} min, {env['date']}); raw numbers in
+`quality.json`, plot `size_vs_ppl.png`. Machine: {env['cpu']}, {env['cores']} cores shared with other
+jobs (load average at the end {', '.join(f'{x:.1f}' for x in env['load_average_at_end'] or [])}),
+onnxruntime {env['onnxruntime']} CPU EP, {env['threads']} threads. Design and routes: `quantize/README.md`.
+
+* **Perplexity**: `perseus eval DIR --split test --json --max-batches N` (held-out books; windows of 256
+  tokens, batches of 8): **{tokens17:,} tokens** for the 17M model ({args.batches_17m} batches), {tokens54:,}
+  for the 54m model ({args.batches_54m} batches). The same tokens for every scheme, so the deltas are paired.
+* **Decode tok/s**: greedy, {env['decode_tokens']} tokens after a one-sentence prompt, fresh process per folder,
+  median of {env['rounds']} round-robin rounds (all runs listed). The machine is shared: differences under
+  ~15% are noise.
+* **Peak RSS**: the generating process's high-water mark (Python + onnxruntime + tokenizers ≈ 100+ MiB of
+  it); anon RSS = anonymous resident memory at the end (weights mapped from model.onnx.data are not in it).
+* **Size**: the whole model folder (graph, weights, tokenizer 0.5 MiB, configs).
+
+## Embedded 17M model (trained)
+
+{table(d, True)}
+Goals (portable export, the default `perseus export`):
+
+{chr(10).join(goal_lines)}
+- **int8 cache** (`--kv-cache int8`, c_kv and k_rope as int8 rows + one float32 scale per token):
+  cache {cache_ratio:.2f}× smaller ({_mib(dp['fp32']['cache_bytes'])} → {_mib(dp['fp32+kv8']['cache_bytes'])} MiB at the full
+  1024-token context), perplexity {cache_fp32:+.2f}% alone, {cache_int4:+.2f}% on top of int4.
+
+int4 = `{q.get('weights', {}).get('op')}` blocks of {q.get('block_size')} ({q.get('method')}, 4-bit zero points,
+accuracy_level {q.get('accuracy_level')}) for every projection, the experts inside `perseus.MoE`, the LM head,
+and the embedding table (`GatherBlockQuantized`); MLA's W_UK / W_UV stored int8. int8 = dynamic int8
+(uint8 activations per tensor, int8 weights per channel) everywhere, embedding table int8 per row.
+fp16 = fp16 weight storage, cast to fp32 at load (onnxruntime folds the casts, so it computes and
+decodes like fp32; its peak RSS is higher because the folded fp32 weights are anonymous memory).
+A true fp16-compute graph did not load on the CPU EP: onnxconverter-common's
+`convert_float_to_float16` leaves the perseus function bodies in fp32 (type mismatch at load), and
+after inlining the functions some fp32 constants remain (`Mul` bound to float16 and float).
+
+`ort-cpu` rows: the exporter's lowering of the MoE to `com.microsoft.MoE`; quantized, the experts go to
+`com.microsoft.QMoE` (8-bit per column for int8; for int4 {qmoe_note}).
+
+## 54m preset — RANDOMLY INITIALISED
+
+Not trained (the GPU budget ran out), so its perplexity (~vocab size) and the deltas in parentheses
+say nothing about quality; size, cache, RSS and speed are real.
+
+{table(m54, False)}
+## Commands
+
+```bash
+perseus export perseus_edge/assets/default -o $W/default/fp32 --force
+perseus quantize $W/default/fp32 -o $W/default/fp16 --scheme fp16
+perseus quantize $W/default/fp32 -o $W/default/int8 --scheme int8
+perseus quantize $W/default/fp32 -o $W/default/int4 --scheme int4
+perseus quantize $W/default/fp32 -o $W/default/int4-kv8 --scheme int4 --kv-cache int8
+perseus quantize $W/default/fp32 -o $W/default/fp32-kv8 --scheme fp32 --kv-cache int8
+perseus eval $W/default/int4 --split test --json --max-batches {args.batches_17m} --threads {args.threads} --data-dir $DATA
+python bench/quantization_report.py --decode $W/default/int4 --threads {args.threads} --decode-tokens {args.decode_tokens}
+# ort-cpu rows: perseus export ... --target ort-cpu, then the same quantize commands
+# 54m: a preset("54m") PerseusLM with torch.manual_seed(0), saved with save_checkpoint, then as above
+```
+
+`--target` is `auto` (here: avx512_vnni); `$DATA` is a folder holding `test.txt.xz`
+(`/work/shared/data/gutenberg` here: the repo's `data/gutenberg` has no test split).
+"""
+
+
+if __name__ == "__main__":
+    main()
