@@ -18,8 +18,8 @@ Measured (`probe`, in a fresh torch-free process, /proc/self/status):
                           from the mapping; prepacked MatMul weights were copied at session creation)
   decode                  after `decode` single-token steps; peak = VmHWM, this process's RSS
                           high-water mark
-The stacked bar splits the RSS after decode into: weights (per component), cache, activations
-(first-run delta), runtime overhead (what remains above the base besides weights and cache:
+The stacked bar splits the RSS after decode into: weights (per component), cache (the graph's
+buffer bytes at full context), activations (first-run anonymous delta), runtime overhead (what remains above the base besides weights and cache:
 prepacked weight copies, ORT's own allocations and code), and the interpreter + libraries base.
 The overhead can come out negative when part of the weights is never resident (an embedding
 table whose rows were not all looked up, experts never selected): it is then shown as zero.
@@ -117,7 +117,9 @@ def footprint(model_dir: str | Path, threads: int = 1, prefill: int = 256, decod
         # being read for the first time, not activations
         activations = max(0, st["first run"]["anon"] - st["cache"]["anon"])
         cache_res = max(0, st["cache"]["rss"] - st["session"]["rss"])
-        overhead = final - base - out["weights_total"] - cache_res - activations
+        # the cache's size is exact from the graph; its measured RSS delta can be smaller when the
+        # allocator reuses pages freed during session creation
+        overhead = final - base - out["weights_total"] - cache["bytes_full_context"] - activations
         out["measured"] = {**m, "base": base, "session_delta": st["session"]["rss"] - base,
                            "session_anon_delta": st["session"]["anon"] - st["base"]["anon"],
                            "session_file_delta": st["session"]["file"] - st["base"]["file"],
@@ -134,7 +136,7 @@ def bar_segments(fp: dict) -> dict[str, int]:
     seg = {f"weights: {k}": v for k, v in fp["weights"].items() if v}
     m = fp.get("measured")
     if m:
-        seg["cache (full context)"] = m["cache_resident"]
+        seg["cache (full context)"] = fp["cache"]["bytes_full_context"]
         seg["activations (first run)"] = m["activations"]
         seg["runtime overhead"] = max(0, m["overhead"])
         seg["interpreter + libraries"] = m["base"]
@@ -171,36 +173,46 @@ def markdown_table(fps: list[dict]) -> str:
         row("RSS: interpreter + libraries (base)", [_mib(m["base"]) for m in ms])
         row("RSS delta: session created", [f"{_mib(m['session_delta'])} (anon {_mib(m['session_anon_delta'])}, "
                                            f"file {_mib(m['session_file_delta'])})" for m in ms])
-        row("RSS delta: cache allocated + touched", [_mib(m["cache_resident"]) for m in ms])
+        row("RSS delta: cache allocated + touched (can reuse freed pages)", [_mib(m["cache_resident"]) for m in ms])
         row("RSS delta: first run, anonymous (activations / arena)",
             [f"{_mib(m['activations'])} (pp{m['prefill']})" for m in ms])
         row("RSS delta: first run, file-backed (mapped weights paged in)", [_mib(m["first_run_file_delta"]) for m in ms])
         row("RSS delta: decode steps", [f"{_mib(m['decode_growth'])} ({m['decode']} steps)" for m in ms])
-        row("runtime overhead (RSS - base - weights - cache - activations)", [_mib(m["overhead"]) for m in ms])
+        row("runtime overhead (RSS after decode - base - weights - cache - activations)",
+            [_mib(m["overhead"]) for m in ms])
         row("RSS after decode / peak", [f"{_mib(m['final'])} / {_mib(m['peak_rss'])}" for m in ms])
     return "\n".join(rows)
 
 
+SEGMENT_COLORS = {
+    "weights: embeddings": "#1f77b4", "weights: attention": "#aec7e8", "weights: experts": "#ff7f0e",
+    "weights: shared experts": "#ffbb78", "weights: mlp": "#e377c2", "weights: router": "#2ca02c",
+    "weights: norms": "#98df8a", "weights: head": "#d62728", "weights: rope tables": "#ff9896",
+    "weights: other": "#7f7f7f", "cache (full context)": "#9467bd", "activations (first run)": "#c5b0d5",
+    "runtime overhead": "#8c564b", "interpreter + libraries": "#dbdb8d",
+}
+
+
 def plot_footprint(fps: list[dict], path: str | Path, title: str = "memory footprint") -> Path:
-    """Stacked bar per model folder (MiB)."""
+    """Stacked bar per model folder (MiB), segments in a fixed order and colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     segs = [bar_segments(fp) for fp in fps]
-    keys: list[str] = []
-    for s in segs:
-        keys += [k for k in s if k not in keys]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(fps) + 3), 5))
+    keys = [k for k in SEGMENT_COLORS if any(k in s for s in segs)]
+    keys += [k for s in segs for k in s if k not in keys]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(fps) + 4), 5.5))
     bottom = np.zeros(len(fps))
-    cmap = plt.get_cmap("tab20")
-    for i, k in enumerate(keys):
+    for k in keys:
         vals = np.array([s.get(k, 0) / MIB for s in segs])
-        ax.bar(range(len(fps)), vals, bottom=bottom, label=k, color=cmap(i % 20))
+        ax.bar(range(len(fps)), vals, bottom=bottom, label=k, color=SEGMENT_COLORS.get(k), width=0.7)
         bottom += vals
-    ax.set_xticks(range(len(fps)), [fp["label"] for fp in fps], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("MiB")
+    for i, total in enumerate(bottom):
+        ax.text(i, total, f"{total:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(fps)), [fp["label"] for fp in fps], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("MiB (RSS after decode, split)")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()

@@ -15,6 +15,11 @@ Here (no GPU), the CPU side of the same check, PyTorch eager on the CPU vs the O
     python bench/gpu_reference.py --checkpoint perseus_edge/assets/default --device cpu \\
         --onnx MODEL_DIR --out bench/results/cpu/parity.json
 
+Timing: `torch_speed` runs every test once untimed (for torch.compile: compilation and its
+recompiles for new shapes) before `--reps` timed repetitions; CUDA is synchronised around each
+timed region. Output JSON: {"speed": {"eager": [...], "compile": [...]}, "parity": {...}} with
+the benchmark's record keys (test, n_tokens, context, tok_s_median/min/max).
+
 What is compared, per prompt (`prompts.prompt_ids`, the benchmark's prompt text cut into
 `--prompts` consecutive windows of `--prompt-len` tokens):
   prefill      logits of every prompt position (max |diff|)
@@ -235,6 +240,11 @@ def main(argv: list[str] | None = None) -> None:
         result["speed"] = {"eager": torch_speed(model, long_prompt, args.pp, args.tg, args.contexts,
                                                 args.reps, args.device)}
         if args.compile:
+            # the cache grows every step and the MoE's routing is data-dependent: allow the
+            # recompiles instead of silently falling back to eager after the default 8
+            for name in ("cache_size_limit", "recompile_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, 256)
             compiled = torch.compile(model, dynamic=True)
             result["speed"]["compile"] = torch_speed(compiled, long_prompt, args.pp, args.tg, args.contexts,
                                                      args.reps, args.device)

@@ -156,6 +156,43 @@ def summarise(events: list[dict], scopes: dict[str, str] | None = None) -> dict:
             "by_op": table(by_op, nodes_by_op), "by_scope": table(by_scope)}
 
 
+GROUPS = ("attention core", "experts", "routing", "projections", "other")
+
+
+def scope_group(scope: str) -> str:
+    """Coarse bucket of a scope: attention core (perseus attention bodies), experts, routing,
+    projections (weight matmuls outside the perseus ops, embedding lookup), other."""
+    if scope.startswith(("perseus.LatentAttention", "perseus.Attention")):
+        return "attention core"
+    if scope.startswith(("experts", "perseus.MoE")):
+        return "experts"
+    if scope.startswith(("MoE routing", "router")):
+        return "routing"
+    if scope.endswith("matmuls") or scope in ("embeddings", "head", "attention", "mlp", "shared experts"):
+        return "projections"
+    return "other"
+
+
+def grouped(prof: dict) -> dict[str, float]:
+    """Share of the decode step per coarse group (plus "executor": the time between kernels)."""
+    out = dict.fromkeys(GROUPS, 0.0)
+    for r in prof["by_scope"]:
+        out[scope_group(r["name"])] += r["share"]
+    out["executor"] = prof["framework_share"]
+    return out
+
+
+def summary_table(profs: list[dict]) -> str:
+    """One row per profile: step time and the share of each coarse group."""
+    cols = list(GROUPS) + ["executor"]
+    out = ["| model | graph | context | step ms | " + " | ".join(cols) + " |", "|---|---|---:|---:|" + "---:|" * len(cols)]
+    for p in profs:
+        g = grouped(p)
+        out.append(f"| {p.get('model', '')} | {p.get('target', '')} {p.get('variant', '')} | {p['context']} | "
+                   f"{p['step_us_median'] / 1e3:.2f} | " + " | ".join(f"{100 * g[c]:.0f}%" for c in cols) + " |")
+    return "\n".join(out)
+
+
 def markdown_tables(prof: dict, top: int = 12) -> str:
     head = (f"decode step median {prof['step_us_median'] / 1e3:.3f} ms over {prof['decode_runs']} steps at "
             f"context {prof['context']}, threads {prof['threads']}; kernels {prof['kernels_us_per_step'] / 1e3:.3f} "

@@ -23,8 +23,9 @@ def quantize_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sch
     """Quantize the model folder `model_dir` into `out_dir`; returns `out_dir`.
 
     options: target ("auto" | avx512_vnni | avx512 | avx2 | arm64), kv_cache ("fp32" | "int8"),
-    block_size (int4: a power of two >= 16), method (int4: "rtn" | "hqq"), embeddings / lm_head
-    ("fp32" | "int8" | "int4"; defaults per scheme). See `pipeline.quantize_model`.
+    block_size (int4: a power of two >= 16), method (int4: "rtn" | "hqq"), format (int4:
+    "qoperator" | "qdq"), embeddings / lm_head ("fp32" | "int8" | "int4"; defaults per scheme),
+    accuracy_level (MatMulNBits / QMoE: 0, 1 or 4; default: the target's). See quantize/README.md.
     """
     from perseus_edge.quantize.pipeline import quantize_model as run
 

@@ -26,6 +26,9 @@ def quantize(
     method: str = typer.Option("rtn", "--method",
                                help="int4: rtn (round to nearest) or hqq (float zero points: lower error, "
                                     "but onnxruntime 1.32 runs them ~8x slower)."),
+    format: str = typer.Option("qoperator", "--format",
+                               help="int4: qoperator (MatMulNBits in the graph and inside the perseus ops) or "
+                                    "qdq (uint4 DequantizeLinear in front of untouched ops; onnxruntime fuses it)."),
     embeddings: Optional[str] = typer.Option(None, "--embeddings", help="fp32, int8 or int4 (default: the scheme's)."),
     lm_head: Optional[str] = typer.Option(None, "--lm-head", help="fp32, int8 or int4 (default: the scheme's)."),
     force: bool = typer.Option(False, "--force", help="Replace the output folder whatever it holds."),
@@ -34,11 +37,11 @@ def quantize(
     from perseus_edge.quantize import quantize_model
     from perseus_edge.quantize.settings import Plan
 
-    plan = Plan.make(scheme, target=target, kv_cache=kv_cache, block_size=block_size, method=method,
-                     embeddings=embeddings, lm_head=lm_head)  # bad options fail before any work
+    options = dict(target=target, kv_cache=kv_cache, block_size=block_size, method=method, format=format,
+                   embeddings=embeddings, lm_head=lm_head)
+    plan = Plan.make(scheme, **options)  # bad options fail before any work
     start = time.perf_counter()
-    out = quantize_model(model_dir, output, scheme, force=force, target=target, kv_cache=kv_cache,
-                         block_size=block_size, method=method, embeddings=embeddings, lm_head=lm_head)
+    out = quantize_model(model_dir, output, scheme, force=force, **options)
 
     def size(folder: Path) -> float:
         return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 2**20

@@ -110,18 +110,31 @@ def apply(model, plan: Plan, src: Path) -> dict:
             done["embedding_table"] = rw.quantize_embedding(model, 8 if plan.embeddings == "int8" else 4,
                                                             plan.block_size)
         head = lm_head_weight(model)
-        if head and plan.lm_head != "fp32":
-            rw.quantize_matmuls(model, matmul_quant(plan, plan.lm_head), skip=_all_but(model, head))
-            done["lm_head_weight"] = head
         skip = {head} if head else set()
-        done["matmuls"] = len(rw.quantize_matmuls(model, weights, skip=skip))
-        done["expert_weights"] = len(rw.quantize_op_weights(model, mf.OP_MOE, EXPERT_WEIGHTS, weights))
+        if plan.format == "qdq":  # uint4 DequantizeLinear in front of untouched consumers
+            names = rw.matmul_weights(model, skip) + rw.op_weights(model, mf.OP_MOE, EXPERT_WEIGHTS)
+            if head and plan.lm_head == "int4":
+                names.append(head)
+                done["lm_head_weight"] = head
+            elif head and plan.lm_head == "int8":
+                rw.quantize_matmuls(model, matmul_quant(plan, "int8"), skip=_all_but(model, head))
+                done["lm_head_weight"] = head
+            done["qdq_weights"] = len(rw.qdq_weights(model, names, 4, plan.block_size, plan.method))
+        else:
+            if head and plan.lm_head != "fp32":
+                rw.quantize_matmuls(model, matmul_quant(plan, plan.lm_head), skip=_all_but(model, head))
+                done["lm_head_weight"] = head
+            done["matmuls"] = len(rw.quantize_matmuls(model, weights, skip=skip))
+            done["expert_weights"] = len(rw.quantize_op_weights(model, mf.OP_MOE, EXPERT_WEIGHTS, weights))
         done["absorbed_int8"] = len(rw.store_int8(model, mf.OP_LATENT_ATTENTION, ABSORBED_WEIGHTS))
         if any(n.domain == rw.MS_DOMAIN and n.op_type == "MoE" for n in model.graph.node):
             # ort-cpu folders: QMoE takes only integer zero points, so its experts use rtn
             experts = replace(weights, method="rtn") if weights.kind == "nbits" else weights
             done["qmoe"] = rw.lower_qmoe(model, experts)
-        done["weights"] = weights.describe()
+        done["weights"] = (weights.describe() if plan.format == "qoperator" else
+                           {"op": "DequantizeLinear (uint4, blocked, axis 0) -> MatMul", "bits": 4,
+                            "block_size": plan.block_size, "method": plan.method,
+                            "note": "onnxruntime fuses it into MatMulNBits at load"})
     if plan.kv_cache == "int8":
         done["cache_slots_int8"] = rw.int8_cache(model)
     return done

@@ -449,3 +449,64 @@ def lower_qmoe(model: onnx.ModelProto, quant: MatMulQuant) -> dict:
                 "expert_width": f, "padded_width": fp}
     drop_unused(model)
     return info
+
+
+# ----------------------------------------------------------------------------- QDQ: weights outside the ops
+def qdq_weights(model: onnx.ModelProto, names: list[str], bits: int = 4, block_size: int = 32,
+                method: str = "rtn") -> list[str]:
+    """Replace each float initializer W [K, N] in `names` by `DequantizeLinear(W.q, W.scale, W.zero_point)`
+    producing a value of the same name: uint4 codes blocked along K (opset-21 blocked quantization,
+    axis 0), so every consumer, perseus ops included, is left exactly as exported.
+
+    Standard ONNX only. onnxruntime (1.32 measured) fuses `DequantizeLinear -> MatMul` into
+    MatMulNBits at load, also across the boundary of an inlined model-local function, so the
+    expert matmuls inside perseus.MoE run the same 4-bit kernel as the QOperator route."""
+    if bits != 4 or method != "rtn":
+        raise ValueError("the qdq format writes 4-bit rtn weights (uint4 zero points)")
+    inits = initializers(model)
+    front, done = [], []
+    for name in names:
+        w = numpy_helper.to_array(inits[name])
+        k, n = w.shape
+        t = qw.quantize_blockwise(w, 4, block_size)
+        nb = t.scales.shape[1]
+        codes = np.ascontiguousarray(qw._unpack(t.packed, 4, block_size).reshape(n, -1)[:, :k].T)  # [K, N]
+        zeros = np.ascontiguousarray(qw._unpack(t.zero_points, 4, nb).T)  # [nb, N]
+        model.graph.initializer.extend([_uint4(codes, f"{name}.q"), _uint4(zeros, f"{name}.zero_point")])
+        add_initializer(model, f"{name}.scale", np.ascontiguousarray(t.scales.T))
+        front.append(helper.make_node("DequantizeLinear", [f"{name}.q", f"{name}.scale", f"{name}.zero_point"],
+                                      [name], axis=0, block_size=block_size, name=f"{name}/dq"))
+        done.append(name)
+    keep = [t for t in model.graph.initializer if t.name not in set(done)]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    _replace_nodes(model.graph, front + list(model.graph.node))
+    return done
+
+
+def _uint4(codes: np.ndarray, name: str) -> onnx.TensorProto:
+    """A UINT4 initializer: two codes per byte, row-major, low nibble first (ONNX's packing)."""
+    flat = codes.astype(np.uint8).ravel()
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    t = TensorProto(name=name, data_type=TensorProto.UINT4, dims=list(codes.shape))
+    t.raw_data = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+    return t
+
+
+def matmul_weights(model: onnx.ModelProto, skip: set[str] = frozenset()) -> list[str]:
+    """Names of the 2-D float initializers read as MatMul B in the main graph."""
+    inits = initializers(model)
+    return [n.input[1] for n in model.graph.node
+            if n.op_type == "MatMul" and not n.domain and n.input[1] in inits and n.input[1] not in skip
+            and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].data_type == FLOAT]
+
+
+def op_weights(model: onnx.ModelProto, op: str, formals: list[str]) -> list[str]:
+    """The initializers passed to `op`'s formal inputs `formals`, over all call sites."""
+    f = function(model, op)
+    if f is None:
+        return []
+    position = [list(f.input).index(name) for name in formals]
+    return [call.input[i] for call in model.graph.node if (call.domain, call.op_type) == (mf.PERSEUS_DOMAIN, op)
+            for i in position]

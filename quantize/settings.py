@@ -25,6 +25,7 @@ SCHEMES = ("int8", "int4", "fp16", "fp32")
 KV_CACHES = ("fp32", "int8")
 TABLE_CHOICES = ("fp32", "int8", "int4")
 INT4_METHODS = ("rtn", "hqq")
+FORMATS = ("qoperator", "qdq")
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,12 @@ class Plan:
     embeddings: str | None = None
     lm_head: str | None = None
     accuracy_level: int | None = None  # MatMulNBits / QMoE; None: the target's
+    format: str = "qoperator"  # int4: quantized ops in the graph / function bodies, or qdq weights
 
     @classmethod
     def make(cls, scheme: str, target: str | None = "auto", kv_cache: str = "fp32", block_size: int = 32,
              method: str = "rtn", embeddings: str | None = None, lm_head: str | None = None,
-             accuracy_level: int | None = None, **unknown) -> "Plan":
+             accuracy_level: int | None = None, format: str = "qoperator", **unknown) -> "Plan":
         if unknown:
             raise PerseusError(f"unknown quantization option(s): {', '.join(sorted(unknown))}")
         if scheme not in SCHEMES:
@@ -106,12 +108,16 @@ class Plan:
                 raise PerseusError(f"unknown --{name} {value!r} (choose from {', '.join(TABLE_CHOICES)})")
             if scheme in ("fp16", "fp32") and value != "fp32":
                 raise PerseusError(f"--{name} {value} needs scheme int8 or int4")
+        if format not in FORMATS:
+            raise PerseusError(f"unknown --format {format!r} (choose from {', '.join(FORMATS)})")
+        if format == "qdq" and (scheme != "int4" or method != "rtn"):
+            raise PerseusError("--format qdq writes int4 rtn weights: use it with --scheme int4 --method rtn")
         if accuracy_level not in (None, 0, 1, 4):
             raise PerseusError(f"accuracy_level must be 0, 1 or 4, got {accuracy_level}")
         target = resolve_target(target)
         if accuracy_level is None:
             accuracy_level = TARGETS[target].accuracy_level
-        return cls(scheme, target, kv_cache, block_size, method, embeddings, lm_head, accuracy_level)
+        return cls(scheme, target, kv_cache, block_size, method, embeddings, lm_head, accuracy_level, format)
 
     @property
     def settings(self) -> Target:

@@ -115,6 +115,23 @@ def test_scheme_logits_close_to_fp32(exported, quantized, scheme, options):
     assert err > 0 or scheme == "fp16"  # something was actually quantized
 
 
+def test_variant_config_tied_embeddings_low_rank_query_dense_layer(make_checkpoint, tmp_path):
+    """Every optional branch of the exporter at once (as in test_export): a low-rank query, tied
+    embeddings (the shared table and the Gemm head stay fp32), a dense first layer, unnormalised
+    routing with a scaling factor."""
+    ckpt = make_checkpoint("moe-mla-rope", q_lora_rank=24, tie_word_embeddings=True, first_k_dense_replace=1,
+                           norm_topk_prob=False, routed_scaling_factor=2.5)
+    base = export_checkpoint(ckpt, tmp_path / "fp32")
+    prompt, tokens, ref = reference(base)
+    for scheme in ("int8", "int4"):
+        folder = quantize_model(base, tmp_path / scheme, scheme, kv_cache="int8")
+        model = graph(folder)
+        assert "embed_tokens" in {t.name for t in model.graph.initializer}  # shared table kept
+        assert sum(n.op_type == mf.OP_MOE for n in model.graph.node) == 1  # layer 0 is dense
+        err = rel_error(run_logits(folder, prompt, tokens), ref)
+        assert err <= REL_TOL[scheme] + REL_TOL["fp32"], f"{scheme}: {err:.3g}"
+
+
 def test_int4_graph_computes_exactly_its_dequantized_weights(exported, quantized, tmp_path):
     """With fp32 activations (accuracy_level 0), the int4 graph must equal the fp32 graph whose
     weights are replaced by their dequantized values: checks every rewrite's plumbing (packing,
@@ -174,8 +191,8 @@ def test_rtn_packing_and_int8_weights_match_onnxruntime(tmp_path):
 
     w = rng.normal(size=(64, 48)).astype(np.float32)
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", 1, [2, 64])], [helper.make_tensor_value_info("y", 1, None)],
-                          [numpy_helper.from_array(w, "w")])
+                          [helper.make_tensor_value_info("x", 1, [2, 64])],
+                          [helper.make_tensor_value_info("y", 1, None)], [numpy_helper.from_array(w, "w")])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "m.onnx")
     quantize_dynamic(tmp_path / "m.onnx", tmp_path / "q.onnx", weight_type=QuantType.QInt8, per_channel=True,
                      reduce_range=False)
@@ -231,6 +248,23 @@ def test_perseus_ops_survive_and_experts_are_quantized(quantized, scheme):
     assert not [n for n in floats if "experts" in n or "proj" in n or n in ("lm_head", "embed_tokens")], floats
     for node in (n for n in model.graph.node if n.op_type == mf.OP_MOE):
         assert sorted(a.name for a in node.attribute) == ["normalize", "scaling", "top_k"]
+
+
+def test_qdq_format_keeps_the_exported_functions_byte_identical(exported, quantized):
+    """--format qdq: uint4 DequantizeLinear in front of untouched consumers; the perseus function
+    bodies are the export's, byte for byte, and the numbers are those of the QOperator route
+    (onnxruntime fuses DequantizeLinear -> MatMul into the same MatMulNBits kernel)."""
+    base, qdq = graph(exported()), graph(quantized("int4", format="qdq"))
+    assert [f.SerializeToString() for f in qdq.functions] == [f.SerializeToString() for f in base.functions]
+    calls = lambda m: [(n.op_type, len(n.input)) for n in m.graph.node if n.domain == mf.PERSEUS_DOMAIN]  # noqa: E731
+    assert calls(qdq) == calls(base)
+    codes = {n.input[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    types = {t.data_type for t in qdq.graph.initializer if t.name in codes}
+    assert codes and types == {onnx.TensorProto.UINT4}
+    prompt, tokens, _ = reference(exported())
+    a = run_logits(quantized("int4", format="qdq"), prompt, tokens)
+    b = run_logits(quantized("int4"), prompt, tokens)
+    assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) < 1e-4
 
 
 def test_ort_cpu_target_gets_qmoe(quantized, exported):
