@@ -28,7 +28,10 @@ def _ints(text: Optional[str], what: str) -> Optional[list[int]]:
 
 
 def bench(
-    out: Path = typer.Option(Path("bench/results/cpu"), "--out", "-o", help="Folder for bench.json, README.md, plots."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Folder for bench.json, README.md, plots (default bench/results/cpu; "
+                                            "with --quick /tmp/perseus-bench-quick, so a quick run never "
+                                            "replaces the committed results)."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir",
                                             help="Exports, quantized folders, random checkpoints (default /tmp/perseus-bench)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller matrix: 2 threads, pp64, tg16 @16/@900, 3 reps."),
@@ -49,6 +52,10 @@ def bench(
     """Benchmark prompt processing and token generation per backend, variant and thread count."""
     from perseus_edge.bench.harness import ARCHS, BenchConfig, run_bench
 
+    if out is None:
+        import tempfile
+
+        out = Path(tempfile.gettempdir()) / "perseus-bench-quick" if quick else Path("bench/results/cpu")
     kw: dict = {"out_dir": str(out), "command": "perseus bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])}
     if work_dir:
         kw["work_dir"] = str(work_dir)

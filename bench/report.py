@@ -8,7 +8,6 @@ Everything in README.md is computed from `result`, so a rerun rewrites it consis
 from __future__ import annotations
 
 import json
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -40,10 +39,6 @@ def _size(nbytes: float) -> str:
 
 def _params(n: int) -> str:
     return f"{n / 1e6:.2f} M"
-
-
-def _ratio_fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}x"
 
 
 def find(records: list[dict], **kw) -> dict | None:
@@ -276,7 +271,7 @@ def _omp_note(records: list[dict]) -> str:
     a, p = t.get("OMP active"), t.get("OMP passive")
     if not (a and p):
         return ""
-    return (f" (threading group of this run, 17m tg32 @{a['context']} at {a['threads']} threads: OMP active "
+    return (f" (threading group of this run, {a['model'].split(' (')[0]} {test_name(a)} at {a['threads']} threads: OMP active "
             f"{a['tok_s_median']:.0f} t/s [{a['tok_s_min']:.0f}–{a['tok_s_max']:.0f}], passive "
             f"{p['tok_s_median']:.0f} [{p['tok_s_min']:.0f}–{p['tok_s_max']:.0f}]; under heavier load active "
             "spin-waiting collapsed to a few t/s, bench/README.md)")
@@ -360,7 +355,7 @@ def verdicts(result: dict) -> list[str]:
             ok = [b for b in best if b["speedup"] >= GOAL_INT8_VS_TORCH]
             missed = [b for b in best if b["speedup"] < GOAL_INT8_VS_TORCH]
             verdict = ("met" if not missed else "not met" if not ok else
-                       "met at context " + ", ".join(str(b["context"]) for b in ok) + "; not at "
+                       "borderline: met at context " + ", ".join(str(b["context"]) for b in ok) + ", not at "
                        + ", ".join(str(b["context"]) for b in missed))
             worst = min(best, key=lambda b: b["speedup"])
             int4 = best_onnx_vs_best_torch(recs, subj["label"], "int4")
@@ -373,8 +368,8 @@ def verdicts(result: dict) -> list[str]:
                             f"{b['torch']['tok_s_median']:.0f} t/s)" for b in best)
                 + (f". Worst {worst['speedup']:.2f}x: {GOAL_INT8_VS_TORCH / worst['speedup']:.2f}x short."
                    if worst["speedup"] < GOAL_INT8_VS_TORCH else ".")
-                + f" Both at {threads} threads (onnx-ort-cpu int8 / torch): {fmt(pick('int8'))} — two spinning ORT "
-                f"threads are slower than one here (threading section). At 1 thread: {fmt(pick('int8', t=1))}. "
+                + f" Both at {threads} threads (onnx-ort-cpu int8 / torch): {fmt(pick('int8'))}"
+                + (f"; both at 1 thread: {fmt(pick('int8', t=1))}. " if threads != 1 and pick('int8', t=1) else ". ")
                 + (f"int4, best vs best: " + ", ".join(f"@{b['context']} {b['speedup']:.2f}x" for b in int4) + ". "
                    if int4 else "")
                 + f"Torch runs with OMP_WAIT_POLICY={result['meta']['config'].get('torch_omp_policy') or 'unset'}"
@@ -488,7 +483,8 @@ def plot_arch(rows: list[dict], path: Path) -> Path | None:
         ax.bar(np.arange(len(keys)) + i * width, y, width, yerr=[lo, hi], capsize=2, label=r["arch"])
     ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [f"{b}\nt{th} {t}" for b, th, t in keys], fontsize=7)
     ax.set_ylabel("decode tok/s")
-    ax.set_title("54m architectures at matched active parameters (random weights)", fontsize=10)
+    size = rows[0]["model"].split()[0]
+    ax.set_title(f"{size} architectures at matched active parameters", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
@@ -540,9 +536,10 @@ def readme(result: dict) -> str:
         "",
         "```bash",
         ". .venv/bin/activate",
-        f"{meta.get('command') or 'perseus bench --out bench/results/cpu'}   # this file (~10-20 min on 2 shared cores)",
-        "perseus bench --quick --out /tmp/bench-quick     # smaller matrix, ~5-7 min",
-        "perseus profile /tmp/perseus-bench/54m-*/ort-cpu /tmp/perseus-bench/54m-*/ort-cpu-int8 --out /tmp/prof",
+        f"{meta.get('command') or 'perseus bench --out bench/results/cpu'}   # this file (~6-10 min on 2 shared cores, +3 min the first time)",
+        "perseus bench --quick                            # smaller matrix -> /tmp/perseus-bench-quick, 1-7 min",
+        "perseus profile /tmp/perseus-bench/54m-[0-9a-f]*/ort-cpu{,-int8,-int4} --out /tmp/prof   # footprint + op profile",
+        "python -m perseus_edge.bench.report bench/results/cpu/bench.json   # README + plots from the JSON again",
         "python bench/gpu_reference.py --device cpu --onnx MODEL_DIR --out /tmp/parity.json --no-speed",
         "python -m pytest tests/test_bench.py",
         "```",

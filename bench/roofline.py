@@ -23,7 +23,6 @@ import numpy as np
 
 
 def _gemm_session(threads: int, n: int, integer: bool):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

@@ -82,13 +82,15 @@ def test_profile_components_sum_to_total(bench_result, tmp_path):
 
 
 def test_profile_cli(bench_result, tmp_path):
+    import typer
     from typer.testing import CliRunner
 
-    from perseus_edge.cli import _register, app
+    from perseus_edge.bench.commands import register
 
+    app = typer.Typer()  # only the bench commands, the global CLI app untouched
+    register(app)
     result, _ = bench_result
     folders = result["subjects"][0]["folders"]
-    _register()
     res = CliRunner().invoke(app, ["profile", folders["portable fp32"], folders["ort-cpu fp32"],
                                    "--out", str(tmp_path), "--steps", "4", "--prefill", "16"])
     assert res.exit_code == 0, res.output
