@@ -272,7 +272,7 @@ class Job:
             return f"OMP {self.env.get('OMP_WAIT_POLICY', 'default').lower()}"
         if self.threads == 1:
             return "-"
-        spinning = self.spin if self.spin is not None else 1  # runtime: spinning on for threads > 1
+        spinning = self.spin if self.spin is not None else 0  # the runtime never spins (session.py)
         return "ORT spin" + ("" if spinning else " off") + (" (runtime default)" if self.spin is None else "")
 
 
@@ -430,7 +430,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
         for target in cfg.targets:
             path = subj.folders[(target, "fp32")]
             jobs += [Job(subj, backend_name(target), "fp32", target, path, threads_max),
-                     Job(subj, backend_name(target), "fp32", target, path, threads_max, spin=0)]
+                     Job(subj, backend_name(target), "fp32", target, path, threads_max, spin=1)]
         log(f"  threading policies, {subj.label}, threads {threads_max}: {len(jobs)} workers")
         records += run_group(jobs, tests, cfg.reps, prompt, "threading", log)
 

@@ -508,7 +508,7 @@ def readme(result: dict) -> str:
         f"cache grown by concatenation (fp32, `torch.set_num_threads`, OMP_WAIT_POLICY={policy}); `onnx-portable` = "
         "the portable graph (its perseus.MoE body multiplies every expert); `onnx-ort-cpu` = the lowered graph "
         "(`com.microsoft.MoE`, selected experts only); both run by `perseus_edge.runtime.Model` (in-place cache "
-        "binding, the runtime's own session options: intra-op spinning on for 2 threads). int8 / int4 = "
+        "binding, the runtime's own session options: idle intra-op threads sleep, no spinning). int8 / int4 = "
         "`perseus_edge.quantize.quantize_model(fp32 folder, out, scheme)` with its defaults (int8: dynamic int8 "
         "matmuls; int4: block-wise MatMulNBits; in the lowered graph the experts become com.microsoft.QMoE).")
     lines = [
@@ -574,8 +574,8 @@ def readme(result: dict) -> str:
         "",
         "One group (interleaved rounds). `OMP active` = OMP_WAIT_POLICY=ACTIVE (libgomp spin-waits; unset "
         f"behaves alike); `OMP passive` = OMP_WAIT_POLICY=PASSIVE. The torch rows elsewhere use {policy}. "
-        "`ORT spin (runtime default)` = `perseus_edge.runtime` as shipped (`session.intra_op.allow_spinning` on "
-        "for threads > 1); `ORT spin off` = the same session with spinning off. How much spinning costs depends "
+        "`ORT spin off (runtime default)` = `perseus_edge.runtime` as shipped (`session.intra_op.allow_spinning` "
+        "off, chosen from this comparison); `ORT spin` = the same session with spinning on. How much spinning costs depends "
         "on what else runs at that moment: when the second core is busy, a spinning thread competes with the "
         "thread that has work (exploratory runs at load ~4-5 in bench/README.md).",
         "",

@@ -22,7 +22,18 @@ def now() -> float:
 
 
 def peak_rss_bytes() -> int:
-    """High-water mark of this process's resident memory (0 where unknown)."""
+    """High-water mark of this process's resident memory (0 where unknown).
+
+    Linux: VmHWM from /proc/self/status. getrusage's ru_maxrss would carry over the parent's peak
+    into a child started with fork/exec, so a small run launched from a big process misreports.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
 
