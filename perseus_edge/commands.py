@@ -128,8 +128,10 @@ def evaluate(
         if threads:
             torch.set_num_threads(threads)
         loss = eval_loss(model, tokens, seq_len, batch_size, max_batches, torch.device("cpu"))
-        n = len(tokens) - 1 if max_batches is None else min(len(tokens) - 1, max_batches * batch_size * seq_len)
-        result = {"loss": loss, "ppl": math.exp(loss), "tokens": n}
+        windows = (len(tokens) - 1) // seq_len  # eval_batches scores whole windows only
+        if max_batches is not None:
+            windows = min(windows, max_batches * batch_size)
+        result = {"loss": loss, "ppl": math.exp(loss), "tokens": windows * seq_len}
     else:
         from perseus_edge.runtime.evaluate import evaluate as eval_onnx
 
