@@ -133,7 +133,15 @@ def test_batched_moe_path_equals_per_expert_loop():
     x = torch.randn(64, cfg.hidden_size)
     weights, idx = moe.gate(x)
     weights = weights.detach()
-    torch.testing.assert_close(moe.routed(x, weights, idx), moe.routed_batched(x, weights, idx))
+    loop, batched = moe.routed(x, weights, idx), moe.routed_batched(x, weights, idx)
+    torch.testing.assert_close(loop, batched)
+    grads = []
+    for out in (loop, batched):
+        moe.zero_grad()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([p.grad.clone() for p in moe.experts.parameters()])
+    for g_loop, g_batched in zip(*grads):
+        torch.testing.assert_close(g_loop, g_batched)
 
 
 @pytest.mark.parametrize("arch", ["moe-mla-rope", "mla-dense"])
