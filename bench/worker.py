@@ -49,17 +49,11 @@ def rss_now() -> dict:
     getrusage's ru_maxrss: Linux carries that across fork + exec, so a worker started by a
     parent that had imported torch would report the parent's peak as its own.
     """
-    out = {"rss": 0, "anon": 0, "file": 0, "peak": 0}
+    from perseus_edge.runtime.timings import proc_status_bytes
+
+    status = proc_status_bytes("VmRSS", "RssAnon", "RssFile", "VmHWM")
     keys = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "VmHWM": "peak"}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key = keys.get(line.split(":")[0])
-                if key:
-                    out[key] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return out
+    return {ours: status.get(field, 0) for field, ours in keys.items()}
 
 
 class OnnxBackend:

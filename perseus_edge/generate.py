@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from perseus_edge.errors import PerseusError
@@ -29,7 +28,7 @@ def generate_tokens(model: PerseusLM, prompt_ids: list[int], max_new_tokens: int
     history = list(prompt_ids)
     logits, cache = model(torch.tensor([prompt_ids], device=device), use_cache=True)
     for _ in range(min(max_new_tokens, ctx - len(prompt_ids))):
-        token = sampler.sample(logits[0, -1].float().cpu().numpy().astype(np.float32), history)
+        token = sampler.sample(logits[0, -1].float().cpu().numpy(), history)
         yield token
         history.append(token)
         if token == eos_id:

@@ -21,19 +21,29 @@ def now() -> float:
     return time.perf_counter()
 
 
-def peak_rss_bytes() -> int:
-    """High-water mark of this process's resident memory (0 where unknown).
-
-    Linux: VmHWM from /proc/self/status. getrusage's ru_maxrss would carry over the parent's peak
-    into a child started with fork/exec, so a small run launched from a big process misreports.
-    """
+def proc_status_bytes(*fields: str) -> dict[str, int]:
+    """Memory fields of /proc/self/status (VmHWM, VmRSS, RssAnon, ...) in bytes; {} off Linux."""
+    out = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+                name = line.split(":", 1)[0]
+                if name in fields:
+                    out[name] = int(line.split()[1]) * 1024  # reported in kB
     except OSError:
         pass
+    return out
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident memory (0 where unknown).
+
+    Linux: VmHWM. getrusage's ru_maxrss would carry over the parent's peak into a child started
+    with fork/exec, so a small run launched from a big process would misreport.
+    """
+    peak = proc_status_bytes("VmHWM").get("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
 
@@ -55,14 +65,7 @@ def anon_rss_bytes() -> int:
 
     Weights memory-mapped from model.onnx.data count in the RSS as clean file pages; this is the
     rest. Linux only (0 elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_status_bytes("RssAnon").get("RssAnon", 0)
 
 
 def rss_bytes() -> int:

@@ -215,8 +215,8 @@ class Router(nn.Module):
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor | None = None) -> None:
         load = self.load if load is None else load
-        if load.sum() > 0:
-            self.e_score_correction_bias += self.cfg.router_bias_update_rate * torch.sign(load.mean() - load)
+        # sign() is 0 for every expert when nothing was routed, so no host-syncing emptiness check
+        self.e_score_correction_bias += self.cfg.router_bias_update_rate * torch.sign(load.mean() - load)
         self.load.zero_()
 
 
