@@ -241,13 +241,16 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
         return out.view(shape)
 
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Sort token-slots by expert, run each expert once on its contiguous slice, scatter back."""
-        k = idx.shape[1]
+    def dispatch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token-slots sorted by expert: (slot order, token of each sorted slot, tokens per expert)."""
         flat = idx.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        token = order // k
+        return order, order // idx.shape[1], torch.bincount(flat, minlength=len(self.experts))
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Sort token-slots by expert, run each expert once on its contiguous slice, scatter back."""
+        order, token, counts = self.dispatch(idx)
+        counts = counts.tolist()
         xs = x[token]
         # Idle experts still run (on zero rows) while training so every parameter gets a gradient,
         # which DDP requires; in inference they are skipped.
@@ -262,14 +265,11 @@ class MoE(nn.Module):
         On a GPU the per-expert loop is bound by kernel launches (hundreds per layer); padding every
         expert to the busiest one's load wastes some FLOPs but runs in a handful of launches.
         """
-        n_experts, k = len(self.experts), idx.shape[1]
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=n_experts)
+        n_experts = len(self.experts)
+        order, token, counts = self.dispatch(idx)
         capacity = int(counts.max())
-        expert = flat[order]
-        slot = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
-        token = order // k
+        expert = idx.flatten()[order]
+        slot = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
         buf = x.new_zeros(n_experts, capacity, x.shape[-1])
         buf[expert, slot] = x[token]
         w_gate = torch.stack([e.gate_proj.weight for e in self.experts])
