@@ -28,7 +28,8 @@ from perseus_edge.checkpoint import load_checkpoint, save_checkpoint
 from perseus_edge.data import TokenWindows, eval_batches, resolve_data_dir, token_cache_dir, tokenize_split
 from perseus_edge.errors import PerseusError
 from perseus_edge.model.config import ModelConfig, preset
-from perseus_edge.model.transformer import MoE, PerseusLM, RMSNorm, Router
+from perseus_edge.model.transformer import PerseusLM, RMSNorm, Router
+from perseus_edge.optim import GroupedMuon
 from perseus_edge.tokenizer import DEFAULT_TOKENIZER, check_vocab, load_tokenizer
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Newton-Schulz quintic of Muon (Su, 2024)
@@ -88,7 +89,8 @@ def build_optimizers(model: PerseusLM, cfg: TrainConfig) -> list[torch.optim.Opt
     adam_kw = dict(betas=(0.9, 0.95), eps=1e-8)
     if cfg.optimizer == "muon":
         # match_rms_adamw scales each update to AdamW's RMS, so one lr range serves both optimizers.
-        muon = torch.optim.Muon(muon_params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95,
+        # GroupedMuon = torch.optim.Muon with Newton-Schulz batched over same-shaped experts.
+        muon = GroupedMuon(muon_params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95,
                                 nesterov=True, ns_coefficients=NS_COEFFICIENTS, adjust_lr_fn="match_rms_adamw")
         adam = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.adam_lr, **adam_kw)
@@ -161,6 +163,26 @@ def load_balance(model: PerseusLM) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- main loop
+def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor,
+               autocast, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, clip, step: (loss, grad norm), both still on the device (no host sync)."""
+    with autocast():
+        logits, _ = model(x)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def compile_layers(model: PerseusLM) -> None:
+    """Regional torch.compile: the decoder layers are alike, so compile time is about one layer's."""
+    for layer in model.model.layers:
+        layer.compile()
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -227,7 +249,8 @@ def train(cfg: TrainConfig) -> dict:
     ddp_model = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
+    if cfg.compile:
+        compile_layers(model)
     use_bf16 = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
@@ -254,14 +277,7 @@ def train(cfg: TrainConfig) -> dict:
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * factor
         x, y = windows.torch_batch(step, device)
-        with autocast():
-            logits, _ = fwd(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        loss, grad_norm = train_step(ddp_model, optimizers, x, y, autocast, cfg.grad_clip)
         balance = load_balance(model) if (step + 1) % cfg.log_every == 0 else None
         for r in model.routers():  # loads summed over ranks so every replica moves its bias alike
             if world > 1:
@@ -289,6 +305,7 @@ def train(cfg: TrainConfig) -> dict:
                       "tokens_per_s": round(tok_s, 1), "flops": (step + 1) * tokens_per_step * flops_per_token}
             if device.type == "cuda":
                 record["mfu"] = round(tok_s * flops_per_token / (H100_BF16_PEAK * world), 4)
+                record["max_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             if balance is not None:
                 record["expert_load_max_over_mean"] = [round(b, 3) for b in balance]
             if evaluating:
@@ -298,7 +315,8 @@ def train(cfg: TrainConfig) -> dict:
             t_last, tokens_since = now, 0
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}")
+            if log_now:  # .item() waits for the GPU: only on log steps
+                bar.set_postfix(loss=f"{mean_loss.item():.3f}", val=f"{val_loss:.3f}")
     if bar is not None:
         bar.close()
 

@@ -126,14 +126,16 @@ def test_router_bias_balancing_moves_load_toward_uniform():
     assert all(p.grad is None for p in moe.gate.parameters())  # balancing is not a loss term
 
 
-def test_batched_moe_path_equals_per_expert_loop():
-    cfg = preset("tiny")
+@pytest.mark.parametrize("n_tokens", [1, 64])
+def test_grouped_moe_path_equals_per_expert_loop(n_tokens):
+    """The GPU training path (grouped GEMM, aligned + padded groups) against the loop, empty experts included."""
+    cfg = preset("tiny", moe_intermediate_size=12)  # not a multiple of 8: exercises the width padding
     torch.manual_seed(1)
     moe = MoE(cfg).train()
-    x = torch.randn(64, cfg.hidden_size)
+    x = torch.randn(n_tokens, cfg.hidden_size)
     weights, idx = moe.gate(x)
     weights = weights.detach()
-    loop, batched = moe.routed(x, weights, idx), moe.routed_batched(x, weights, idx)
+    loop, batched = moe.routed(x, weights, idx), moe.routed_grouped(x, weights, idx)
     torch.testing.assert_close(loop, batched)
     grads = []
     for out in (loop, batched):

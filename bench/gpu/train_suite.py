@@ -1,15 +1,20 @@
-"""GPU training suite (issue 4): probe throughput, LR sweeps Muon vs AdamW, architecture comparison.
+"""GPU training suite (issue 4): correctness check, throughput probes, calibrated training waves.
 
-Runs on the lent H100 through the `device` tool (see bench/gpu/README.md for the exact calls).
-Every training run is a plain `perseus train ...` command, recorded in runs.jsonl with its
-wall time, so each row of the report can be reproduced by hand. Several small runs share the
-GPU at once (one small MoE run leaves most of an H100 idle); throughput and MFU are measured
-separately, one run at a time, in the `probe` stage.
+Runs on the lent GPU machine through the `device` tool (bench/gpu/README.md has the exact calls).
+Every training run is a plain `perseus train ...` command, recorded in runs.jsonl with its exit
+status, so each row of the report can be reproduced by hand.
 
-    python bench/gpu/train_suite.py probe   --out $OUT/suite
-    python bench/gpu/train_suite.py sweep   --preset 17m --budget-s 240 --out $OUT/suite
-    python bench/gpu/train_suite.py arch    --preset 54m --lr 3e-3 --budget-s 300 --out $OUT/suite
-    python bench/gpu/train_suite.py package --run DIR --pieces-out $OUT   (checkpoint -> bf16 shards -> tar pieces)
+    python3 bench/gpu/train_suite.py prepare                      # tokenize train + valid once
+    python3 bench/gpu/train_suite.py check                        # GPU-only paths equal their references
+    python3 bench/gpu/train_suite.py probe --out DIR [--compile]  # solo tokens/s, MFU, memory per config
+    python3 bench/gpu/train_suite.py wave --preset 17m --muon-lrs 1e-3,1e-2 --adamw-lrs 1e-3 --budget-s 300 --out DIR
+    python3 bench/gpu/train_suite.py package --preset 17m --out DIR --pieces-out $OUT [--first i --count n]
+
+A wave trains several runs at once on the one GPU (a small model leaves most of an H100 idle).
+It first *calibrates*: all its runs together for 20 steps, which measures each run's tokens/s under
+exactly that sharing and fails fast (CUDA errors, OOM) before the budget is spent. Then every run
+of a preset gets the same step count (Muon vs AdamW and the architectures see the same tokens and
+schedule shape), sized so the slowest run of the preset fits the budget.
 """
 
 from __future__ import annotations
@@ -24,120 +29,155 @@ import sys
 import time
 from pathlib import Path
 
-BATCH, SEQ = 64, 256
+BATCH, SEQ = 32, 512
 TOKENS_PER_STEP = BATCH * SEQ
-LRS = (1e-3, 3e-3, 1e-2)
+LOG_EVERY = 10  # perseus train logs every 10 steps; eval steps must be multiples of it
+CALIBRATION_STEPS = 20
+MUON_ADAM_LR = 3e-3  # Muon runs: AdamW lr of embeddings, head, norms, router (the sweep varies the Muon lr)
 
 
-def command(out: Path, preset: str, arch: str, optimizer: str, lr: float, steps: int, compile_: bool = False,
+def command(out: Path, preset: str, arch: str, optimizer: str, lr: float, steps: int,
             eval_every: int | None = None) -> list[str]:
-    cmd = ["perseus", "train", "--preset", preset, "--arch", arch, "--optimizer", optimizer,
-           "--lr", f"{lr:g}", "--adam-lr", f"{lr:g}", "--batch-size", str(BATCH), "--seq-len", str(SEQ),
-           "--steps", str(steps), "--warmup", str(max(10, steps // 20)),
-           "--eval-every", str(eval_every or max(20, steps // 8)), "--eval-batches", "16", "-o", str(out)]
-    return cmd + (["--compile"] if compile_ else [])
+    adam_lr = MUON_ADAM_LR if optimizer == "muon" else lr
+    eval_every = eval_every or max(LOG_EVERY, steps // 10 // LOG_EVERY * LOG_EVERY)
+    return ["perseus", "train", "--preset", preset, "--arch", arch, "--optimizer", optimizer,
+            "--lr", f"{lr:g}", "--adam-lr", f"{adam_lr:g}", "--batch-size", str(BATCH), "--seq-len", str(SEQ),
+            "--steps", str(steps), "--warmup", str(max(10, steps // 20)), "--eval-every", str(eval_every),
+            "--eval-batches", "16", "-o", str(out)]
 
 
-def launch(runs: list[tuple[str, list[str]]], root: Path, deadline_s: float) -> None:
-    """Start every run at once, wait for all (killing any still alive at the deadline)."""
+def launch(runs: list[tuple[str, list[str]]], root: Path, deadline_s: float) -> dict[str, object]:
+    """Start every run at once, wait for all (killing any still alive at the deadline): name -> rc."""
     procs = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     for name, cmd in runs:
         (root / name).mkdir(parents=True, exist_ok=True)
         log = open(root / name / "stdout.txt", "w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        procs.append((name, cmd, subprocess.Popen(_exe(cmd), stdout=log, stderr=subprocess.STDOUT, env=env),
-                      time.time()))
+        exe = [sys.executable, "-m", "perseus_edge.cli", *cmd[1:]]
+        procs.append((name, cmd, subprocess.Popen(exe, stdout=log, stderr=subprocess.STDOUT, env=env), time.time()))
     end = time.time() + deadline_s
+    status: dict[str, object] = {}
     with open(root / "runs.jsonl", "a") as book:
         for name, cmd, p, t0 in procs:
             try:
                 rc = p.wait(timeout=max(1.0, end - time.time()))
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
                 rc = "killed at deadline"
+            status[name] = rc
             book.write(json.dumps({"name": name, "command": shlex.join(cmd), "rc": rc,
-                                   "wall_s": round(time.time() - t0, 1), "concurrent": len(procs)}) + "\n")
+                                   "concurrent": len(procs)}) + "\n")
             print(f"{name}: rc={rc} {time.time() - t0:.0f}s", flush=True)
+    return status
 
 
-def _exe(cmd: list[str]) -> list[str]:
-    return [sys.executable, "-m", "perseus_edge.cli", *cmd[1:]]
-
-
-def last_record(run_dir: Path, key: str) -> dict | None:
+def records(run_dir: Path, key: str) -> list[dict]:
     log = run_dir / "log.jsonl"
     if not log.is_file():
-        return None
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if key in r]
-    return rows[-1] if rows else None
+        return []
+    return [r for r in map(json.loads, log.read_text().splitlines()) if key in r]
 
 
-def probe(root: Path, compile_: bool = False) -> None:
-    """Solo throughput and MFU per preset (short runs); with compile_, torch.compile on as well."""
-    results = []
-    for preset in ("17m", "54m"):
+# ----------------------------------------------------------------------------- stages
+def prepare() -> None:
+    from perseus_edge.data import resolve_data_dir, token_cache_dir, tokenize_split
+    from perseus_edge.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+
+    tok = load_tokenizer(DEFAULT_TOKENIZER)
+    for split in ("valid", "train"):
+        t0 = time.time()
+        n = len(tokenize_split(tok, resolve_data_dir(), split, token_cache_dir(), progress=False))
+        print(f"{split}: {n} tokens ({time.time() - t0:.0f}s)", flush=True)
+
+
+def check() -> None:
+    """The CUDA-only code paths against their CPU-tested references, on the GPU, in seconds."""
+    import torch
+
+    from perseus_edge.model.config import preset
+    from perseus_edge.model.transformer import MoE
+    from perseus_edge.optim import GroupedMuon
+    from perseus_edge.train import NS_COEFFICIENTS
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    moe = MoE(preset("54m")).to(dev).train()
+    x = torch.randn(4096, moe.cfg.hidden_size, device=dev)
+    weights, idx = moe.gate(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loop, grouped = moe.routed(x, weights, idx), moe.routed_grouped(x, weights, idx)
+    err = float((loop.float() - grouped.float()).abs().max() / loop.float().abs().max())
+    print(f"grouped-GEMM experts vs per-expert loop (bf16): max rel err {err:.2e}", flush=True)
+    assert err < 2e-2, err
+
+    params = [torch.nn.Parameter(torch.randn(46, 512, device=dev) * 0.02) for _ in range(8)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = dict(lr=1e-2, momentum=0.95, nesterov=True, ns_coefficients=NS_COEFFICIENTS, adjust_lr_fn="match_rms_adamw")
+    ours, ref = GroupedMuon(params, **kw), torch.optim.Muon(twins, **kw)
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+    err = max(float((p - q).abs().max()) for p, q in zip(params, twins))
+    print(f"GroupedMuon vs torch.optim.Muon (3 steps): max abs diff {err:.2e}", flush=True)
+    assert err < 1e-3, err
+
+
+def probe(root: Path, compile_: bool, configs: list[str]) -> None:
+    """Solo throughput per config `preset:arch:optimizer[:torch]`, each in its own process under a timeout."""
+    out = root / "probe.jsonl"
+    for spec in configs:
+        preset, arch_name, optimizer, *impl = spec.split(":")
         for comp in ((False, True) if compile_ else (False,)):
-            name = f"probe-{preset}-{'compile' if comp else 'eager'}"
-            launch([(name, command(root / name, preset, "moe-mla-rope", "muon", 3e-3, 40, comp, 1000))], root,
-                   240 if comp else 90)
-            rec = last_record(root / name, "tokens_per_s")
-            results.append({"preset": preset, "compile": comp, **(rec or {})})
-            print(json.dumps(results[-1]), flush=True)
-    (root / "probe.json").write_text(json.dumps(results, indent=2))
+            cmd = [sys.executable, "bench/gpu/throughput.py", "--preset", preset, "--arch", arch_name,
+                   "--optimizer", optimizer, "--batch", str(BATCH), "--seq-len", str(SEQ), "--out", str(out)]
+            cmd += ["--muon-impl", impl[0]] if impl else []
+            cmd += ["--compile"] if comp else []
+            t0 = time.time()
+            try:
+                rc = subprocess.run(cmd, timeout=240 if comp else 120).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            if rc != 0:
+                with open(out, "a") as f:
+                    f.write(json.dumps({"preset": preset, "arch": arch_name, "optimizer": optimizer,
+                                        "compile": comp, "failed": rc, "after_s": round(time.time() - t0)}) + "\n")
+                print(f"probe {spec} compile={comp}: {rc}", flush=True)
 
 
-def solo_tok_s(root: Path, preset: str) -> float:
-    data = json.loads((root / "probe.json").read_text())
-    return max(r.get("tokens_per_s", 0) for r in data if r["preset"] == preset and not r["compile"])
+def wave(root: Path, preset: str, muon_lrs: list[float], adamw_lrs: list[float], archs: list[str],
+         arch_lr: float, budget_s: float) -> None:
+    plan = [(preset, "moe-mla-rope", "muon", lr) for lr in muon_lrs]
+    plan += [(preset, "moe-mla-rope", "adamw", lr) for lr in adamw_lrs]
+    plan += [(preset, a, "muon", arch_lr) for a in archs]
+    names = [f"{p}-{a}-{o}-lr{lr:g}" for p, a, o, lr in plan]
 
-
-def steps_for(root: Path, preset: str, n_runs: int, budget_s: float, speedup: float) -> int:
-    """Steps that N concurrent runs finish in budget_s if sharing the GPU gives `speedup` x solo."""
-    agg = solo_tok_s(root, preset) * min(speedup, n_runs)
-    return max(50, int(budget_s * agg / n_runs / TOKENS_PER_STEP) // 10 * 10)
-
-
-def sweep(root: Path, preset: str, budget_s: float, speedup: float, steps: int | None = None) -> None:
-    runs = []
-    steps = steps or steps_for(root, preset, 2 * len(LRS), budget_s, speedup)
-    for opt in ("muon", "adamw"):
-        for lr in LRS:
-            name = f"{preset}-moe-mla-rope-{opt}-lr{lr:g}"
-            runs.append((name, command(root / name, preset, "moe-mla-rope", opt, lr, steps)))
-    print(f"sweep {preset}: {len(runs)} runs x {steps} steps ({steps * TOKENS_PER_STEP / 1e6:.1f}M tokens each)", flush=True)
-    launch(runs, root, budget_s * 1.6)
-
-
-def arch(root: Path, preset: str, lr: float, budget_s: float, speedup: float, archs: list[str]) -> None:
-    steps = steps_for(root, preset, len(archs), budget_s, speedup)
-    runs = [(f"{preset}-{a}-muon-lr{lr:g}", command(root / f"{preset}-{a}-muon-lr{lr:g}", preset, a, "muon", lr, steps))
-            for a in archs]
-    print(f"arch {preset}: {len(runs)} runs x {steps} steps", flush=True)
-    launch(runs, root, budget_s * 1.6)
-
-
-def suite(root: Path, budget_s: float, speedup: float, arch_lr: float) -> None:
-    """One wave on the shared GPU: 17m LR sweep (Muon, AdamW), 54m Muon vs AdamW, 54m architectures."""
-    plan = [("17m", "moe-mla-rope", opt, lr) for opt in ("muon", "adamw") for lr in LRS]
-    # 54m: one lr per optimizer (device budget), the architectures at the same lr and tokens
-    plan += [("54m", "moe-mla-rope", opt, arch_lr) for opt in ("muon", "adamw")]
-    plan += [("54m", a, "muon", arch_lr) for a in ("mla-dense", "mha")]
-    steps = {p: steps_for(root, p, len(plan), budget_s, speedup) for p in ("17m", "54m")}
-    runs = []
-    for preset, a, opt, lr in plan:
-        name = f"{preset}-{a}-{opt}-lr{lr:g}"
-        runs.append((name, command(root / name, preset, a, opt, lr, steps[preset])))
-    print(f"suite: {len(runs)} concurrent runs, steps {steps} x {TOKENS_PER_STEP} tokens", flush=True)
-    launch(runs, root, budget_s * 1.6)
+    cal = root / f"calibrate-{preset}"
+    status = launch([(n, command(cal / n, p, a, o, lr, CALIBRATION_STEPS, eval_every=10**6))
+                     for n, (p, a, o, lr) in zip(names, plan)], cal, 240)
+    rates = {n: (records(cal / n, "tokens_per_s") or [{}])[-1].get("tokens_per_s") for n in names}
+    bad = {n: status[n] for n in names if status[n] != 0 or not rates[n]}
+    if bad:
+        raise SystemExit(f"calibration failed, wave not started: {bad} (see {cal}/*/stdout.txt)")
+    slowest = min(rates.values())
+    steps = max(50, int(0.85 * budget_s * slowest / TOKENS_PER_STEP) // LOG_EVERY * LOG_EVERY)
+    print(f"wave {preset}: {len(plan)} runs x {steps} steps ({steps * TOKENS_PER_STEP / 1e6:.1f}M tokens each); "
+          f"calibrated tokens/s under sharing: {json.dumps(rates)}", flush=True)
+    (root / f"wave-{preset}.json").write_text(json.dumps({"steps": steps, "budget_s": budget_s,
+                                                           "calibrated_tokens_per_s": rates}, indent=2))
+    launch([(n, command(root / n, p, a, o, lr, steps)) for n, (p, a, o, lr) in zip(names, plan)], root,
+           1.4 * budget_s)
 
 
 def best_run(root: Path, preset: str, arch_name: str = "moe-mla-rope") -> Path:
     best, best_loss = None, math.inf
-    for d in root.glob(f"{preset}-{arch_name}-*"):
-        rec = last_record(d, "val_loss")
-        if rec and (d / "checkpoint" / "manifest.json").is_file() and rec["val_loss"] < best_loss:
-            best, best_loss = d, rec["val_loss"]
+    for d in sorted(root.glob(f"{preset}-{arch_name}-*")):
+        rows = records(d, "val_loss")
+        if rows and (d / "checkpoint" / "manifest.json").is_file() and rows[-1]["val_loss"] < best_loss:
+            best, best_loss = d, rows[-1]["val_loss"]
     if best is None:
         raise SystemExit(f"no finished {preset} {arch_name} run under {root}")
     print(f"best {preset} {arch_name}: {best.name} val_loss={best_loss}", flush=True)
@@ -145,7 +185,7 @@ def best_run(root: Path, preset: str, arch_name: str = "moe-mla-rope") -> Path:
 
 
 def package(run: Path, pieces_out: Path, first: int, count: int) -> None:
-    """Re-save a run's checkpoint as bf16 shards (<= 15 MiB), tar it, and copy pieces [first, first+count)."""
+    """Re-save a run's checkpoint as bf16 shards (<= 15 MiB), tar it, copy tar pieces [first, first+count)."""
     from perseus_edge.checkpoint import load_checkpoint, save_checkpoint
 
     stage = Path("/tmp/package") / run.name
@@ -154,39 +194,51 @@ def package(run: Path, pieces_out: Path, first: int, count: int) -> None:
         save_checkpoint(stage / "model", model, tok, dtype="bf16", max_shard_bytes=15 * 2**20,
                         meta={"source_run": run.name})
         subprocess.run(["tar", "-cf", str(stage / "model.tar"), "-C", str(stage), "model"], check=True)
-        subprocess.run(["split", "-b", "15M", "-d", "-a", "2", str(stage / "model.tar"), str(stage / "piece.")], check=True)
+        subprocess.run(["split", "-b", "15M", "-d", "-a", "2", str(stage / "model.tar"), str(stage / "piece.")],
+                       check=True)
     pieces = sorted(stage.glob("piece.*"))
-    print(f"{run.name}: {len(pieces)} pieces", flush=True)
+    print(f"{run.name}: {len(pieces)} pieces, copying {first}..{min(len(pieces), first + count) - 1}", flush=True)
     pieces_out.mkdir(parents=True, exist_ok=True)
     for p in pieces[first:first + count]:
         subprocess.run(["cp", str(p), str(pieces_out / f"{run.name}.{p.name}")], check=True)
 
 
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["probe", "sweep", "arch", "suite", "best", "package"])
-    ap.add_argument("--compile", action="store_true", help="probe: also measure torch.compile")
+    global BATCH, SEQ, TOKENS_PER_STEP
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=["prepare", "check", "probe", "wave", "best", "package"])
     ap.add_argument("--out", type=Path, default=Path("runs/suite"))
     ap.add_argument("--preset", default="17m")
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--budget-s", type=float, default=240)
-    ap.add_argument("--speedup", type=float, default=2.0)
-    ap.add_argument("--archs", default="moe-mla-rope,mla-dense,mha,mha-moe")
-    ap.add_argument("--steps", type=int, help="sweep: fixed steps instead of the probe-based estimate")
-    ap.add_argument("--run", type=Path)
+    ap.add_argument("--compile", action="store_true", help="probe: also with torch.compile (regional)")
+    ap.add_argument("--configs", default="17m:moe-mla-rope:muon,17m:moe-mla-rope:muon:torch,54m:moe-mla-rope:muon",
+                    help="probe: preset:arch:optimizer[:torch] list")
+    ap.add_argument("--muon-lrs", default="1e-3,3e-3,1e-2,3e-2")
+    ap.add_argument("--adamw-lrs", default="3e-4,1e-3,3e-3,1e-2")
+    ap.add_argument("--archs", default="", help="wave: other architectures, trained with Muon at --arch-lr")
+    ap.add_argument("--arch-lr", type=float, default=1e-2)
+    ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--run", type=Path, help="package: this run (default: the preset's best moe-mla-rope run)")
+    ap.add_argument("--batch", type=int, default=BATCH, help="sequences per step (smoke tests on CPU: small)")
+    ap.add_argument("--seq-len", type=int, default=SEQ)
     ap.add_argument("--pieces-out", type=Path)
     ap.add_argument("--first", type=int, default=0)
     ap.add_argument("--count", type=int, default=99)
     a = ap.parse_args()
+    BATCH, SEQ, TOKENS_PER_STEP = a.batch, a.seq_len, a.batch * a.seq_len
     a.out.mkdir(parents=True, exist_ok=True)
-    if a.stage == "probe":
-        probe(a.out, a.compile)
-    elif a.stage == "suite":
-        suite(a.out, a.budget_s, a.speedup, a.lr)
-    elif a.stage == "sweep":
-        sweep(a.out, a.preset, a.budget_s, a.speedup, a.steps)
-    elif a.stage == "arch":
-        arch(a.out, a.preset, a.lr, a.budget_s, a.speedup, a.archs.split(","))
+    if a.stage == "prepare":
+        prepare()
+    elif a.stage == "check":
+        check()
+    elif a.stage == "probe":
+        probe(a.out, a.compile, a.configs.split(","))
+    elif a.stage == "wave":
+        wave(a.out, a.preset, floats(a.muon_lrs), floats(a.adamw_lrs), [s for s in a.archs.split(",") if s],
+             a.arch_lr, a.budget_s)
     elif a.stage == "best":
         print(best_run(a.out, a.preset))
     elif a.stage == "package":

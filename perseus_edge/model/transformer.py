@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from perseus_edge.model.config import ModelConfig
 
+GROUP_ALIGN = 16  # rows: each expert's token group starts 16-row aligned in the grouped GEMM buffer
+
 Cache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -236,7 +238,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, idx = self.gate(x)
-        out = self.routed_batched(x, weights, idx) if x.is_cuda else self.routed(x, weights, idx)
+        out = self.routed_grouped(x, weights, idx) if x.is_cuda else self.routed(x, weights, idx)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)
@@ -259,24 +261,35 @@ class MoE(nn.Module):
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
-    def routed_batched(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Same result as `routed` with three batched matmuls over a padded [E, capacity, d] buffer.
+    def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Same result as `routed` with three grouped GEMMs (torch._grouped_mm) over all experts.
 
-        On a GPU the per-expert loop is bound by kernel launches (hundreds per layer); padding every
-        expert to the busiest one's load wastes some FLOPs but runs in a handful of launches.
+        Training on a GPU, the per-expert loop is bound by kernel launches (hundreds per layer).
+        Here every expert's token-slots sit in one row-sorted buffer and each projection is one
+        grouped GEMM. Shapes are static (no host sync, no capacity padding whose memory would
+        follow the routing imbalance): each expert's group starts on a multiple of GROUP_ALIGN rows
+        and the expert width is padded with zeros to a multiple of 8, the 16-byte alignment the
+        kernels need. The last group runs to the end of the buffer, so no output row is undefined.
+        Grouped GEMM on CUDA is bf16 only, so the experts run in bf16 there (as under autocast).
         """
-        n_experts = len(self.experts)
+        n_experts, n_slots, dim = len(self.experts), idx.numel(), x.shape[-1]
         order, token, counts = self.dispatch(idx)
-        capacity = int(counts.max())
         expert = idx.flatten()[order]
-        slot = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
-        buf = x.new_zeros(n_experts, capacity, x.shape[-1])
-        buf[expert, slot] = x[token]
-        w_gate = torch.stack([e.gate_proj.weight for e in self.experts])
-        w_up = torch.stack([e.up_proj.weight for e in self.experts])
-        w_down = torch.stack([e.down_proj.weight for e in self.experts])
-        h = F.silu(torch.bmm(buf, w_gate.transpose(1, 2))) * torch.bmm(buf, w_up.transpose(1, 2))
-        ys = torch.bmm(h, w_down.transpose(1, 2))[expert, slot]
+        padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+        n_rows = n_slots + n_experts * (GROUP_ALIGN - 1)  # upper bound of sum(padded)
+        ends = torch.cat([padded.cumsum(0)[:-1], padded.new_tensor([n_rows])])
+        row = (ends - padded)[expert] + torch.arange(n_slots, device=x.device) - (counts.cumsum(0) - counts)[expert]
+        dtype = torch.bfloat16 if x.is_cuda else x.dtype
+        buf = x.new_zeros(n_rows, dim, dtype=dtype).index_put((row,), x[token].to(dtype))
+        width = self.cfg.moe_intermediate_size
+        pad = -width % 8
+        w_gate = F.pad(torch.stack([e.gate_proj.weight for e in self.experts]), (0, 0, 0, pad)).to(dtype)
+        w_up = F.pad(torch.stack([e.up_proj.weight for e in self.experts]), (0, 0, 0, pad)).to(dtype)
+        w_down = F.pad(torch.stack([e.down_proj.weight for e in self.experts]), (0, pad)).to(dtype)
+        offs = ends.to(torch.int32)
+        h = (F.silu(torch._grouped_mm(buf, w_gate.transpose(1, 2), offs=offs))
+             * torch._grouped_mm(buf, w_up.transpose(1, 2), offs=offs))
+        ys = torch._grouped_mm(h, w_down.transpose(1, 2), offs=offs)[row]
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
