@@ -185,6 +185,13 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def count_per_expert(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Token-slots routed to each expert. Unlike bincount (which reads the max index back to the
+    host on CUDA), scatter_add never makes the CPU wait for the GPU."""
+    flat = idx.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class Router(nn.Module):
     """Sigmoid top-k router with auxiliary-loss-free balancing (DeepSeek-V3).
 
@@ -211,7 +218,7 @@ class Router(nn.Module):
         if c.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         if self.training:
-            self.load += torch.bincount(idx.flatten(), minlength=c.n_routed_experts).to(self.load.dtype)
+            self.load += count_per_expert(idx, c.n_routed_experts).to(self.load.dtype)
         return weights * c.routed_scaling_factor, idx
 
     @torch.no_grad()
@@ -247,7 +254,7 @@ class MoE(nn.Module):
         """Token-slots sorted by expert: (slot order, token of each sorted slot, tokens per expert)."""
         flat = idx.flatten()
         order = flat.argsort(stable=True)
-        return order, order // idx.shape[1], torch.bincount(flat, minlength=len(self.experts))
+        return order, order // idx.shape[1], count_per_expert(idx, len(self.experts))
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Sort token-slots by expert, run each expert once on its contiguous slice, scatter back."""
@@ -277,7 +284,8 @@ class MoE(nn.Module):
         expert = idx.flatten()[order]
         padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
         n_rows = n_slots + n_experts * (GROUP_ALIGN - 1)  # upper bound of sum(padded)
-        ends = torch.cat([padded.cumsum(0)[:-1], padded.new_tensor([n_rows])])
+        ends = padded.cumsum(0)
+        ends[-1] = n_rows
         row = (ends - padded)[expert] + torch.arange(n_slots, device=x.device) - (counts.cumsum(0) - counts)[expert]
         dtype = torch.bfloat16 if x.is_cuda else x.dtype
         buf = x.new_zeros(n_rows, dim, dtype=dtype).index_put((row,), x[token].to(dtype))
