@@ -73,7 +73,9 @@ def train(
     eval_every: int = typer.Option(100),
     eval_batches: int = typer.Option(20),
     seed: int = typer.Option(0),
-    compile: bool = typer.Option(False, help="torch.compile the model."),
+    compile: bool = typer.Option(False, help="torch.compile the decoder layers."),
+    router_bias_rate: Optional[float] = typer.Option(
+        None, help="MoE router bias update per step (default: the preset's 1e-3, DeepSeek-V3's value)."),
     max_chars: Optional[int] = typer.Option(None, help="Only tokenize this many characters of train (smoke runs)."),
     data_dir: Optional[str] = typer.Option(None),
     tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json (default: the shipped 8192-token one)."),
@@ -87,7 +89,7 @@ def train(
     cfg = TrainConfig(preset=preset, arch=arch, optimizer=optimizer, lr=lr, adam_lr=adam_lr,
                       weight_decay=weight_decay, batch_size=batch_size, seq_len=seq_len, steps=steps,
                       warmup=min(warmup, steps), eval_every=eval_every, eval_batches=eval_batches, seed=seed,
-                      compile=compile, max_chars=max_chars, data_dir=data_dir, tokenizer=tokenizer, out=out,
+                      compile=compile, router_bias_rate=router_bias_rate, max_chars=max_chars, data_dir=data_dir, tokenizer=tokenizer, out=out,
                       resume=resume)
     result = run(cfg)
     if result.get("final_loss") is not None:

@@ -54,6 +54,7 @@ class TrainConfig:
     eval_batches: int = 20
     seed: int = 0
     compile: bool = False
+    router_bias_rate: float | None = None  # override the preset's router_bias_update_rate (MoE balancing speed)
     max_chars: int | None = None     # tokenize only a prefix of the train split (smoke runs)
     data_dir: str | None = None
     tokenizer: str | None = None     # tokenizer.json (default: the shipped one)
@@ -210,7 +211,8 @@ def train(cfg: TrainConfig) -> dict:
         model, tok_path = load_checkpoint(ckpt_dir)
         model_cfg = model.cfg
     else:
-        model_cfg = preset(cfg.preset, cfg.arch)
+        overrides = {} if cfg.router_bias_rate is None else {"router_bias_update_rate": cfg.router_bias_rate}
+        model_cfg = preset(cfg.preset, cfg.arch, **overrides)
     tokenizer = load_tokenizer(tok_path)
     if not cfg.resume and tokenizer.get_vocab_size() != model_cfg.vocab_size:
         model_cfg = model_cfg.replace(vocab_size=tokenizer.get_vocab_size())
