@@ -51,7 +51,7 @@ def run_config(tmp_path: Path, tokenizer: Path, **kw) -> TrainConfig:
 def trained_run(tmp_path_factory, tiny_tokenizer, monkeypatch_module):
     tmp = tmp_path_factory.mktemp("train")
     monkeypatch_module.setenv("PERSEUS_CACHE", str(tmp / "tokens"))
-    cfg = run_config(tmp, tiny_tokenizer)
+    cfg = run_config(tmp, tiny_tokenizer, router_bias_rate=2e-3)
     return cfg, train(cfg)
 
 
@@ -69,6 +69,8 @@ def test_tiny_model_learns_on_cpu(trained_run):
     assert log[-1]["step"] == TRAIN_STEPS and "val_loss" in log[-1]
     assert log[0]["loss"] > log[-1]["loss"] + 1.0
     assert all(len(r["expert_load_max_over_mean"]) == 2 for r in log)
+    saved = json.loads((Path(cfg.out) / "checkpoint" / "config.json").read_text())
+    assert saved["router_bias_update_rate"] == 2e-3  # --router-bias-rate reaches the model
 
 
 def test_resume_continues_from_the_saved_step(trained_run, tiny_tokenizer):
