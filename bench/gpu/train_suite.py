@@ -105,7 +105,7 @@ def check() -> None:
     moe = MoE(preset("54m")).to(dev).train()
     x = torch.randn(4096, moe.cfg.hidden_size, device=dev)
     weights, idx = moe.gate(x)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         loop, grouped = moe.routed(x, weights, idx), moe.routed_grouped(x, weights, idx)
     err = float((loop.float() - grouped.float()).abs().max() / loop.float().abs().max())
     print(f"grouped-GEMM experts vs per-expert loop (bf16): max rel err {err:.2e}", flush=True)
