@@ -1,798 +1,387 @@
-"""Training report (issue 4): turn the raw GPU logs under bench/results/training/raw into tables and plots.
+"""Training report (issue 4): raw device outputs -> tables, verdicts and plots.
 
-    python bench/training_report.py                  # summary.json, muon_vs_adamw.json, plots, README.md
-    python bench/training_report.py --check-default  # also re-measure the embedded default model's val loss on CPU (~5 min)
+Reads `bench/results/training/raw/` (campaign 2: call5-call8, ddp, balance; see bench/gpu/README.md
+for the device calls that wrote them) and writes, next to it: summary.json (one record per run),
+muon_vs_adamw.json, arch_54m.json, throughput.json, the plots and README.md. Every number in the
+README is computed here from those files.
 
-Inputs: bench/results/training/raw/call{1..4}/ as copied back from the device calls: per call a
-runs.jsonl (one row per `perseus train` command: command, rc, wall_s, concurrent) and one folder per
-run (log.jsonl written by perseus_edge/train.py, train_config.json, last_error.txt if it crashed).
-Nothing here rounds a logged number; derived numbers (ratios, percentages) carry 4 significant decimals.
-
-A call's folder can hold copies of an earlier call's files: the device machine stayed warm between
-call3 and call4, so call4 found call3's /tmp/suite and its runs.jsonl starts with call3's rows. A row
-that repeats a row of an earlier call verbatim is that earlier run and is counted only there; a run
-folder counts for the last row of its name in a call, and only if its train_config.json matches it.
+    python bench/training_report.py
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shlex
+import re
 import statistics
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import matplotlib
 
-RES = ROOT / "bench" / "results" / "training"
-RAW = RES / "raw"
-TOKENS_PER_STEP = 64 * 256
-H100_BF16_PEAK = 989e12
-SEED_MUON_CLAIM = (0.48, 0.52)
-SEED_ARCH_CLAIM = 0.069
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from perseus_edge.model.config import preset  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "training"
+RAW = RESULTS / "raw"
+WAVES = {"call5": "17m", "call6": "54m", "call8": "202m"}  # the calls whose runs.jsonl lists a wave
+SEED_MUON_RATIO = (0.48, 0.52)  # arXiv 2509.24406: Muon needs 48-52% of AdamW's compute
+SEED_MOE_GAIN = 6.9  # % lower val loss of MoE-MLA-RoPE vs a vanilla transformer at 53.9M (arXiv 2508.01261)
 MFU_GOAL = 0.35
-COMPILE_DEADLINE_S = 240
+DATA_TOKENS = 26_352_696  # tokens of the train prefix carried to the device ("train: ... tokens" in each call)
 
 
-# ----------------------------------------------------------------------------- reading the raw logs
+# ----------------------------------------------------------------------------- loading
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def parse_command(cmd: str) -> dict:
-    argv = shlex.split(cmd)
-    opts, i = {}, 0
-    while i < len(argv):
-        a = argv[i]
-        if a.startswith("-") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            opts[a.lstrip("-")] = argv[i + 1]
-            i += 2
-        else:
-            opts[a.lstrip("-")] = True
-            i += 1
-    return opts
+def option(cmd: str, name: str) -> str | None:
+    m = re.search(rf"--{name} (\S+)", cmd)
+    return m.group(1) if m else None
 
 
-def classify(rc, error: str | None, log: list[dict], planned_steps: int) -> str:
-    if rc == "killed at deadline":
-        return "killed"
-    if error:
-        if "OutOfMemoryError" in error or "out of memory" in error:
-            return "crashed: OOM"
-        if "index_add_" in error and "BFloat16" in error:
-            return "crashed: bf16 dtype bug in MoE scatter"
-        if "cuDNN" in error:
-            return "crashed: cuDNN internal error"
-        return "crashed"
-    if rc == 0 and log and log[-1]["step"] == planned_steps:
-        return "finished"
-    return f"incomplete (rc={rc})"
-
-
-def median_after_first(log: list[dict], key: str):
-    vals = [r[key] for r in log[1:] if key in r]
-    return round(statistics.median(vals), 6) if vals else None  # round only strips float noise of a 2-value mean
+def steady_median(log: list[dict], key: str) -> float | None:
+    """Median over the log records that time plain training steps: not the first (warm-up,
+    start-up), not eval records (their interval includes the evaluation)."""
+    xs = [r[key] for r in log[1:] if key in r and "val_loss" not in r]
+    return statistics.median(xs) if xs else None
 
 
 def load_runs() -> list[dict]:
-    runs, seen_rows = [], set()
-    for call_dir in sorted(RAW.glob("call*"), key=lambda p: int(p.name[4:])):
-        call = call_dir.name
-        rows = read_jsonl(call_dir / "runs.jsonl")
-        own = []
-        for idx, row in enumerate(rows):
-            key = json.dumps(row, sort_keys=True)
-            if key in seen_rows:
-                continue  # copied from an earlier call's folder (warm machine), counted there
-            own.append((idx, row))
-        for idx, row in own:
-            seen_rows.add(json.dumps(row, sort_keys=True))
-        last_idx = {row["name"]: idx for idx, row in own}
-        for idx, row in own:
-            opts = parse_command(row["command"])
-            planned = int(opts["steps"])
-            folder = call_dir / row["name"]
-            cfg = json.loads((folder / "train_config.json").read_text()) if (folder / "train_config.json").is_file() else None
-            folder_is_this_run = (idx == last_idx[row["name"]] and cfg is not None and cfg["steps"] == planned
-                                  and cfg["lr"] == float(opts["lr"]) and cfg["optimizer"] == opts["optimizer"])
-            log = read_jsonl(folder / "log.jsonl") if folder_is_this_run else []
-            err_file = folder / "last_error.txt"
-            error = err_file.read_text().strip().splitlines()[0] if folder_is_this_run and err_file.is_file() else None
-            runs.append({
-                "call": call, "name": row["name"], "preset": opts["preset"], "arch": opts["arch"],
-                "optimizer": opts["optimizer"], "lr": float(opts["lr"]), "compile": "compile" in opts,
-                "planned_steps": planned, "warmup": int(opts["warmup"]), "eval_every": int(opts["eval-every"]),
-                "concurrent": row["concurrent"], "rc": row["rc"], "wall_s": row["wall_s"],
-                "command": row["command"], "error": error, "log": log,
-                "status": classify(row["rc"], error, log, planned),
-            })
+    commands = {}  # run folder name -> (command, rc, processes sharing the GPU)
+    for call in WAVES:
+        for row in read_jsonl(RAW / call / "runs.jsonl"):
+            commands[row["name"]] = (call, row["command"], row["rc"], row["concurrent"])
+    for call, concurrent in (("balance", 3), ("ddp", 1)):
+        for line in (RAW / call / "commands.txt").read_text().splitlines():
+            cmd = line.split(": ", 1)[-1]
+            commands[Path(re.search(r" -o (\S+)", cmd).group(1)).name] = (call, cmd, 0, concurrent)
+    runs = []
+    for name, (call, cmd, rc, concurrent) in commands.items():
+        log = read_jsonl(RAW / call / name / "log.jsonl")
+        vals = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+        nproc = 2 if "nproc_per_node=2" in cmd else 1
+        runs.append({
+            "call": call, "name": name, "preset": option(cmd, "preset"), "arch": option(cmd, "arch"),
+            "optimizer": option(cmd, "optimizer"), "lr": float(option(cmd, "lr")),
+            "adam_lr": float(option(cmd, "adam-lr")), "router_bias_rate": float(option(cmd, "router-bias-rate") or 1e-3),
+            "gpus": nproc, "steps": log[-1]["step"], "tokens": log[-1]["tokens"], "flops": log[-1]["flops"],
+            "final_val_loss": vals[-1][1], "final_train_loss": log[-1]["loss"],
+            "tokens_per_s": steady_median(log, "tokens_per_s"), "mfu": steady_median(log, "mfu"),
+            "max_mem_gib": log[-1].get("max_mem_gib"), "concurrent": concurrent,
+            "expert_load_final": log[-1].get("expert_load_max_over_mean") or None,
+            "command": cmd, "status": "finished" if rc == 0 and log[-1]["step"] == int(option(cmd, "steps")) else f"rc={rc}",
+            "_log": log, "_vals": vals,
+        })
     return runs
 
 
-def val_points(log: list[dict]) -> list[tuple[int, float]]:
-    return [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+def load_probes() -> list[dict]:
+    rows = []
+    for call in ("call7", "call8"):
+        rows += [{"call": call, **r} for r in read_jsonl(RAW / call / "probe.jsonl")]
+    return rows
 
 
-def first_step_at_or_below(points: list[tuple[int, float]], target: float):
-    for step, v in points:
-        if v <= target:
-            return step
-    return None
+# ----------------------------------------------------------------------------- analysis
+def sweep(runs: list[dict], preset_name: str) -> list[dict]:
+    return [r for r in runs if r["preset"] == preset_name and r["arch"] == "moe-mla-rope" and r["call"] in WAVES]
 
 
-def elapsed_s(log: list[dict]) -> list[tuple[int, float]]:
-    """Seconds since the loop started at each logged step, from the logged per-interval tokens/s."""
-    out, t, prev_tokens = [], 0.0, 0
-    for r in log:
-        t += (r["tokens"] - prev_tokens) / r["tokens_per_s"]
-        prev_tokens = r["tokens"]
-        out.append((r["step"], t))
+def crossing(vals: list[tuple[int, float]], target: float) -> tuple[int | None, float | None]:
+    """First eval step whose val loss <= target, and the step linearly interpolated between evals."""
+    for (s0, v0), (s1, v1) in zip([(0, math.inf)] + vals, vals):
+        if v1 <= target:
+            return s1, (s1 if math.isinf(v0) else s0 + (v0 - target) / (v0 - v1) * (s1 - s0))
+    return None, None
+
+
+def muon_vs_adamw(runs: list[dict]) -> dict:
+    out = {"seed_claim": "Muon reaches AdamW's final loss with 48-52% of AdamW's compute (arXiv 2509.24406)"}
+    for p in ("17m", "54m"):
+        rs = sweep(runs, p)
+        by = {o: sorted((r for r in rs if r["optimizer"] == o), key=lambda r: r["lr"]) for o in ("muon", "adamw")}
+        best = {o: min(by[o], key=lambda r: r["final_val_loss"]) for o in by}
+        target = best["adamw"]["final_val_loss"]
+        step, interp = crossing(best["muon"]["_vals"], target)
+        ratio = round(interp / best["adamw"]["steps"], 3)
+        lo, hi = SEED_MUON_RATIO
+        verdict = ("held" if lo <= ratio <= hi else "held, within 0.05 of the range" if lo - 0.05 <= ratio <= hi + 0.05
+                   else "Muon saved more" if ratio < lo else "not held")
+        out[p] = {
+            "adamw_best_lr": best["adamw"]["lr"], "adamw_final_val_loss": target,
+            "muon_best_lr": best["muon"]["lr"], "muon_final_val_loss": best["muon"]["final_val_loss"],
+            "adamw_steps": best["adamw"]["steps"], "tokens_per_step": best["adamw"]["tokens"] // best["adamw"]["steps"],
+            "muon_steps_to_adamw_loss": step, "muon_steps_to_adamw_loss_interpolated": round(interp, 1),
+            "eval_every": best["muon"]["_vals"][0][0], "ratio": ratio, "ratio_at_eval_step": round(step / best["adamw"]["steps"], 3),
+            "flops_ratio": ratio,
+            "swept": {o: {f"{r['lr']:g}": r["final_val_loss"] for r in by[o]} for o in by},
+            "best_lr_bracketed": {o: by[o][0] is not best[o] and by[o][-1] is not best[o] for o in by},
+            "verdict": verdict,
+        }
+    out["note"] = ("ratio = Muon steps to the best AdamW run's final val loss (linear interpolation between "
+                   "evals) / AdamW's steps; same model, batch and FLOPs per step, so it is also the model-FLOP "
+                   "ratio (Newton-Schulz FLOPs excluded). 'held' means within 0.05 of the claimed 0.48-0.52.")
     return out
 
 
-def r4(x):
-    return None if x is None else round(x, 4)
-
-
-# ----------------------------------------------------------------------------- analyses
-def muon_vs_adamw(runs: list[dict]) -> dict:
-    def finished(call, preset, opt):
-        return [r for r in runs if r["call"] == call and r["preset"] == preset and r["optimizer"] == opt
-                and r["arch"] == "moe-mla-rope" and r["status"] == "finished" and not r["name"].startswith("probe")]
-
-    def swept(call, preset, opt):
-        return sorted({r["lr"] for r in runs if r["call"] == call and r["preset"] == preset and r["optimizer"] == opt
-                       and r["arch"] == "moe-mla-rope" and not r["name"].startswith("probe")})
-
-    def compare(call, preset):
-        ad, mu = finished(call, preset, "adamw"), finished(call, preset, "muon")
-        best_a = min(ad, key=lambda r: val_points(r["log"])[-1][1])
-        best_m = min(mu, key=lambda r: val_points(r["log"])[-1][1])
-        a_val, a_train = val_points(best_a["log"])[-1][1], best_a["log"][-1]["loss"]
-        a_steps = best_a["log"][-1]["step"]
-        m_val_pts = val_points(best_m["log"])
-        m_train_pts = [(r["step"], r["loss"]) for r in best_m["log"]]
-        s_val = first_step_at_or_below(m_val_pts, a_val)
-        s_train = first_step_at_or_below(m_train_pts, a_train)
-        last3 = [r["loss"] for r in best_a["log"][-3:]]
-        s_train_mean3 = first_step_at_or_below(m_train_pts, statistics.mean(last3))
-        s_train_vs_val = first_step_at_or_below(m_train_pts, a_val)
-        val_steps = [s for s, _ in m_val_pts]
-        t_m = dict(elapsed_s(best_m["log"]))
-        t_a = dict(elapsed_s(best_a["log"]))
-        per_lr = {}
-        for r in ad:
-            v, t = val_points(r["log"])[-1][1], r["log"][-1]["loss"]
-            per_lr[f"{r['lr']:g}"] = {"adamw_final_val_loss": v, "adamw_final_train_loss": t,
-                                      "muon_step_by_val_loss": first_step_at_or_below(m_val_pts, v),
-                                      "muon_step_by_train_loss": first_step_at_or_below(m_train_pts, t)}
-        log_every = best_m["log"][1]["step"] - best_m["log"][0]["step"]
-        return {
-            "call": call, "tokens_per_step": TOKENS_PER_STEP,
-            "adamw_lrs_swept": swept(call, preset, "adamw"), "adamw_lrs_finished": sorted(r["lr"] for r in ad),
-            "muon_lrs_swept": swept(call, preset, "muon"), "muon_lrs_finished": sorted(r["lr"] for r in mu),
-            "muon_lrs_failed": {f"{r['lr']:g}": r["status"] for r in runs
-                                if r["call"] == call and r["preset"] == preset and r["optimizer"] == "muon"
-                                and r["arch"] == "moe-mla-rope" and r["status"] != "finished"
-                                and not r["name"].startswith("probe")},
-            "adamw_lrs_failed": {f"{r['lr']:g}": r["status"] for r in runs
-                                 if r["call"] == call and r["preset"] == preset and r["optimizer"] == "adamw"
-                                 and r["arch"] == "moe-mla-rope" and r["status"] != "finished"},
-            "adamw_best_lr": best_a["lr"], "adamw_final_val_loss": a_val, "adamw_final_train_loss": a_train,
-            "adamw_steps": a_steps, "adamw_tokens": best_a["log"][-1]["tokens"],
-            "muon_best_lr": best_m["lr"], "muon_final_val_loss": m_val_pts[-1][1],
-            "muon_final_train_loss": best_m["log"][-1]["loss"], "muon_steps": best_m["log"][-1]["step"],
-            "muon_val_loss_logged_at_steps": val_steps,
-            "muon_train_loss_logged_every": log_every,
-            "muon_steps_to_adamw_loss": s_val,
-            "muon_steps_to_adamw_loss_resolution": (
-                f"val loss logged at steps {val_steps} only" if len(val_steps) < 4 else f"every {val_steps[1] - val_steps[0]} steps"),
-            "ratio_by_val_loss": None if s_val is None else r4(s_val / a_steps),
-            "muon_steps_to_adamw_train_loss": s_train,
-            "ratio_by_train_loss": None if s_train is None else r4(s_train / a_steps),
-            "ratio_by_train_loss_interval": None if s_train is None else
-                [r4(max(0, s_train - log_every) / a_steps), r4(s_train / a_steps)],
-            "muon_steps_to_adamw_mean_last3_train_loss": s_train_mean3,
-            "adamw_mean_last3_train_loss": r4(statistics.mean(last3)),
-            "muon_steps_train_loss_to_adamw_val_loss": s_train_vs_val,
-            "muon_seconds_to_adamw_train_loss": None if s_train is None else round(t_m[s_train], 1),
-            "adamw_seconds_total": round(t_a[a_steps], 1),
-            "muon_tokens_per_s_median": median_after_first(best_m["log"], "tokens_per_s"),
-            "adamw_tokens_per_s_median": median_after_first(best_a["log"], "tokens_per_s"),
-            "per_adamw_lr": per_lr,
+def arch_54m(runs: list[dict], probes: list[dict]) -> dict:
+    rows = {}
+    mha = next(r for r in runs if r["name"] == "54m-mha-muon-lr0.003")["final_val_loss"]
+    for name in ("54m-mha-muon-lr0.003", "54m-mla-dense-muon-lr0.003", "54m-moe-mla-rope-muon-lr0.003"):
+        r = next(x for x in runs if x["name"] == name)
+        cfg = preset("54m", r["arch"])
+        counts = cfg.param_counts()
+        solo = [p for p in probes if p["preset"] == "54m" and p["arch"] == r["arch"] and p["muon_impl"] == "grouped"
+                and not p["compile"] and p["optimizer"] == "muon"]
+        rows[r["arch"]] = {
+            "final_val_loss": r["final_val_loss"], "val_ppl": round(math.exp(r["final_val_loss"]), 2),
+            "delta_vs_mha_pct": round(100 * (r["final_val_loss"] - mha) / mha, 2),
+            "kv_bytes_per_token_fp32": cfg.kv_bytes_per_token(4), "kv_bytes_per_token_bf16": cfg.kv_bytes_per_token(2),
+            "params_total": counts["total"], "params_active": counts["active"], "tokens": r["tokens"],
+            "solo_tokens_per_s": solo[-1]["tokens_per_s"] if solo else None,
+            "expert_load_final": r["expert_load_final"],
         }
+    mla, moe = rows["mla-dense"]["delta_vs_mha_pct"], rows["moe-mla-rope"]["delta_vs_mha_pct"]
+    rows["verdicts"] = {
+        "mla_costs_under_1pct": f"{'held' if mla < 1 else 'not held'}: MLA (r=d/2) vs MHA {mla:+.2f}% val loss",
+        "moe_mla_rope_6.9pct_better": (f"{'held' if -moe >= SEED_MOE_GAIN - 1 else 'not held'}: MoE-MLA-RoPE vs MHA "
+                                       f"{moe:+.2f}% val loss (claim -{SEED_MOE_GAIN}%)"),
+    }
+    return rows
 
-    c4 = compare("call4", "17m")
-    c2 = compare("call2", "17m")
-    r = c4["ratio_by_train_loss"]
-    lo, hi = SEED_MUON_CLAIM
-    verdict = ("held" if lo <= r <= hi else "not held") if r is not None else "not measurable"
-    c4["ratio"] = r
-    c4["ratio_basis"] = (
-        "training loss: val loss was logged only at the last step (eval_every=27 never coincides with "
-        "log_every=10 before step 220), so by val loss Muon's crossing is only bounded by <= 220 steps "
-        "(ratio_by_val_loss is that uninformative bound). Training loss is logged every 10 steps and every run "
-        "sees the same batch at a given step (TokenWindows seeds on (seed=0, step)), so it is the dense signal; "
-        "it is single-batch (noisy, +-0.1 between neighbouring steps), hence also the mean-of-last-3 variant.")
-    c4["compute_note"] = ("ratio = Muon steps / AdamW steps = model-FLOP fraction (same model, batch and "
-                          "FLOPs per step; the logged flops exclude optimizer FLOPs, i.e. Muon's Newton-Schulz).")
-    c4["note"] = (
-        f"AdamW swept lrs {c4['adamw_lrs_swept']} (all finished; best {c4['adamw_best_lr']:g}, the smallest "
-        f"swept, so AdamW's optimum may lie lower). Muon swept {c4['muon_lrs_swept']}, only "
-        f"{c4['muon_lrs_finished']} finished (the others OOM'd before their first log record at step 10 while 6 "
-        f"runs shared the GPU), so Muon's lr is the top of its grid and untuned. Muon's crossing point is "
-        f"mid-schedule (cosine lr not yet annealed), which if anything understates Muon. 220 steps x 16384 tokens "
-        f"= {c4['adamw_tokens']} tokens per run, 4 runs sharing one H100.")
+
+def throughput(probes: list[dict], runs: list[dict]) -> dict:
+    def find(call, p, arch="moe-mla-rope", opt="muon", impl="grouped", comp=False):
+        return next((r for r in probes if r["call"] == call and r["preset"] == p and r["arch"] == arch
+                     and r["optimizer"] == opt and r["muon_impl"] == impl and r["compile"] == comp), None)
+
+    muon_speedup = {p: round(find("call7", p, impl="torch")["step_ms"] / find("call7" if p == "54m" else "call7", p)["step_ms"], 2)
+                    for p in ("17m", "54m")}
+    compile_gain = {f"{p} {a}": round(find(c, p, a)["step_ms"] / find(c, p, a, comp=True)["step_ms"], 2)
+                    for c, p, a in (("call8", "54m", "moe-mla-rope"), ("call8", "202m", "moe-mla-rope"), ("call7", "54m", "mha"))}
+    big = find("call8", "202m", comp=True)
+    ddp = {r["name"]: r for r in runs if r["call"] == "ddp"}
+    one = ddp["gpu1-batch32"]["tokens_per_s"]
     return {
-        "seed_claim": "Muon reaches AdamW's loss with 48-52% of AdamW's compute",
-        "verdict": verdict,
-        "verdict_text": (
-            f"Muon (lr {c4['muon_best_lr']:g}) reached the best AdamW run's final training loss "
-            f"({c4['adamw_final_train_loss']}, lr {c4['adamw_best_lr']:g}, step {c4['adamw_steps']}) at step "
-            f"{c4['muon_steps_to_adamw_train_loss']}: {c4['muon_steps_to_adamw_train_loss']}/{c4['adamw_steps']} = "
-            f"{r} of AdamW's steps/FLOPs (10-step resolution: between {c4['ratio_by_train_loss_interval'][0]} and "
-            f"{c4['ratio_by_train_loss_interval'][1]}), below the claimed 0.48-0.52, i.e. Muon saved more than "
-            f"claimed here. Its final val loss {c4['muon_final_val_loss']} vs AdamW's {c4['adamw_final_val_loss']} "
-            f"at equal steps. The secondary call2 comparison (60 steps, val every 20 steps) agrees: Muon's val "
-            f"loss passed AdamW's final one at step {c2['muon_steps_to_adamw_loss']} of {c2['adamw_steps']} "
-            f"(ratio <= {c2['ratio_by_val_loss']}). Caveats: tiny budget (3.6M tokens, ~0.2 tokens/param), "
-            f"incomplete sweep (Muon lr 1e-3 and 3e-3 OOM'd), one seed, val loss at the end only."),
-        "per_preset": {
-            "17m": c4,
-            "17m_secondary_call2_60_steps": {**c2, "note": (
-                "60-step runs, 15 processes sharing the GPU; only AdamW lr 3e-3 survived (1e-3 OOM, 1e-2 cuDNN "
-                "internal error under memory pressure), Muon 1e-3 and 1e-2 finished (3e-3 OOM). Val loss every "
-                "20 steps, so ratio_by_val_loss has a 20-step resolution.")},
-            "54m": None,
+        "probes": [{k: v for k, v in r.items() if k not in ("device", "gpu")} for r in probes],
+        "groupedmuon_speedup_vs_torch_muon": muon_speedup,
+        "compile_speedup": compile_gain,
+        "largest_preset_trained": {"preset": "202m", "mfu_eager": find("call8", "202m")["mfu"], "mfu_compiled": big["mfu"],
+                                   "goal": MFU_GOAL, "met": big["mfu"] >= MFU_GOAL},
+        "ddp_h200": {
+            "tokens_per_s": {k: r["tokens_per_s"] for k, r in ddp.items()},
+            "strong_scaling_speedup": round(ddp["gpu2-batch16"]["tokens_per_s"] / one, 2),
+            "weak_scaling_speedup": round(ddp["gpu2-batch32"]["tokens_per_s"] / one, 2),
+            "val_loss_1gpu_vs_2gpu_same_global_batch": [ddp["gpu1-batch32"]["final_val_loss"],
+                                                        ddp["gpu2-batch16"]["final_val_loss"]],
         },
-        "54m_reason": (
-            "no 54m Muon-vs-AdamW pair finished: call2 swept moe-mla-rope Muon and AdamW at lr 1e-3/3e-3/1e-2 "
-            "(60 steps) and all six crashed with CUDA OOM (15 processes on one 80 GB GPU); call3 ran Muon and "
-            "AdamW at lr 3e-3 (90 steps) and both OOM'd; call4 ran only the 17m sweep. The only finished 54m "
-            "moe-mla-rope runs are the solo Muon lr 3e-3 throughput probes (call2 60 steps, call3 40 steps), "
-            "with no AdamW counterpart."),
+        "projection_202m": projection(big),
     }
 
 
-def arch_table(runs: list[dict]) -> dict:
-    from perseus_edge.model.config import ARCHS, preset
-
-    rows = []
-    chosen = [r for r in runs if r["call"] == "call2" and r["preset"] == "54m" and r["status"] == "finished"
-              and (r["optimizer"], r["lr"], r["planned_steps"]) == ("muon", 3e-3, 60)]
-    for r in sorted(chosen, key=lambda r: val_points(r["log"])[-1][1]):
-        cfg = preset("54m", r["arch"])
-        pc = cfg.param_counts()
-        v = val_points(r["log"])[-1]
-        rows.append({
-            "arch": r["arch"], "run": f"{r['call']}/{r['name']}", "steps": v[0], "tokens": r["log"][-1]["tokens"],
-            "val_loss": v[1], "perplexity": round(math.exp(v[1]), 2), "final_train_loss": r["log"][-1]["loss"],
-            "kv_cache_bytes_per_token_bf16": cfg.kv_bytes_per_token(2), "params_total": pc["total"],
-            "params_active": pc["active"],
-            "tokens_per_s_median": median_after_first(r["log"], "tokens_per_s"), "concurrent": r["concurrent"],
-            "note": ("solo throughput probe: same command as the others except --eval-every 1000 (val only at "
-                     "the last step; eval does not change training)") if r["name"].startswith("probe") else
-                    f"{r['concurrent']} runs sharing the GPU",
-        })
-    have = {r["arch"] for r in rows}
-    missing = {}
-    for a in ARCHS:
-        if a in have:
-            continue
-        tried = [r for r in runs if r["preset"] == "54m" and r["arch"] == a]
-        missing[a] = "; ".join(f"{r['call']}/{r['name']}: {r['status']}" for r in tried) or "never launched"
-    by = {r["arch"]: r for r in rows}
-    rel = None
-    if "moe-mla-rope" in by and "mha" in by:
-        m, h = by["moe-mla-rope"], by["mha"]
-        rel = {"val_loss_reduction_vs_mha": r4((h["val_loss"] - m["val_loss"]) / h["val_loss"]),
-               "perplexity_reduction_vs_mha": r4((h["perplexity"] - m["perplexity"]) / h["perplexity"])}
-    other_calls = [f"{r['call']}/{r['name']} ({r['status']}, {r['planned_steps']} steps)" for r in runs
-                   if r["preset"] == "54m" and r["call"] == "call3" and not r["name"].startswith("probe")]
-    return {"preset": "54m", "equal_steps": 60, "optimizer": "muon", "lr": 3e-3, "rows": rows, "missing": missing,
-            "moe_mla_rope_vs_mha": rel,
-            "call3_90_steps": other_calls,
-            "call3_note": "call3 (90 steps) finished only mha, so it gives no comparison at equal steps."}
-
-
-def summary_records(runs: list[dict], targets: dict) -> list[dict]:
-    out = []
-    for r in runs:
-        log = r["log"]
-        vp = val_points(log)
-        tgt = targets.get(r["preset"])
-        rec = {
-            "call": r["call"], "name": r["name"], "preset": r["preset"], "arch": r["arch"],
-            "optimizer": r["optimizer"], "lr": r["lr"], "compile": r["compile"],
-            "planned_steps": r["planned_steps"], "log_records": len(log),
-            "steps": log[-1]["step"] if log else None, "tokens": log[-1]["tokens"] if log else None,
-            "final_val_loss": vp[-1][1] if vp and vp[-1][0] == log[-1]["step"] else None,
-            "val_loss_logged_at_steps": [s for s, _ in vp],
-            "final_train_loss": log[-1]["loss"] if log else None,
-            "steps_to_target": first_step_at_or_below(vp, tgt["value"]) if (tgt and vp) else None,
-            "steps_to_target_by_train_loss": first_step_at_or_below([(x["step"], x["loss"]) for x in log],
-                                                                    tgt["value"]) if (tgt and log) else None,
-            "tokens_per_s": median_after_first(log, "tokens_per_s"),
-            "mfu": median_after_first(log, "mfu"),
-            "concurrent": r["concurrent"], "status": r["status"], "rc": r["rc"], "wall_s": r["wall_s"],
-            "error": r["error"], "command": r["command"],
-        }
-        out.append(rec)
-    return out
+def projection(probe: dict) -> dict:
+    params = preset("202m").param_counts()["total"]
+    tokens = 20 * params  # a compute-optimal budget (Chinchilla: ~20 tokens per parameter)
+    return {"params": params, "tokens_20_per_param": tokens, "tokens_per_s_compiled_h100": probe["tokens_per_s"],
+            "h100_hours": round(tokens / probe["tokens_per_s"] / 3600, 1),
+            "epochs_of_the_device_train_prefix": round(tokens / DATA_TOKENS, 1)}
 
 
 # ----------------------------------------------------------------------------- plots
-def plots(runs: list[dict], mva: dict, arch: dict) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_sweeps(runs: list[dict], target: dict) -> list[str]:
+    names = []
+    for p in ("17m", "54m"):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for r in sorted(sweep(runs, p), key=lambda r: (r["optimizer"], r["lr"])):
+            steps, vals = zip(*r["_vals"])
+            per_step = r["flops"] / r["steps"]
+            style = dict(ls="-" if r["optimizer"] == "muon" else "--", marker=".", label=f"{r['optimizer']} lr {r['lr']:g}")
+            axes[0].plot(steps, vals, **style)
+            axes[1].plot([s * per_step for s in steps], vals, **style)
+        for ax, xl in zip(axes, ("step (16,384 tokens each)", "model FLOPs (fwd + bwd)")):
+            ax.axhline(target[p]["adamw_final_val_loss"], color="grey", lw=0.8, ls=":")
+            ax.set_xlabel(xl)
+            ax.set_ylabel("validation loss (nats/token)")
+            ax.set_ylim(top=6.5)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8, ncol=2)
+        fig.suptitle(f"{p} MoE-MLA-RoPE: Muon (solid) vs AdamW (dashed); dotted = best AdamW final val loss")
+        fig.tight_layout()
+        names.append(f"loss_vs_step_{p}.png")
+        fig.savefig(RESULTS / names[-1], dpi=110)
+        plt.close(fig)
+    return names
 
-    made = []
-    get = {(r["call"], r["name"]): r for r in runs}
-    colors = {"muon": "#c0392b", "adamw": ["#1f4e99", "#3a7bd5", "#8fb8f0"]}
 
-    def sweep_runs(call):
-        rs = [r for r in runs if r["call"] == call and r["preset"] == "17m" and r["status"] == "finished"
-              and not r["name"].startswith("probe")]
-        return sorted(rs, key=lambda r: (r["optimizer"] != "muon", r["lr"]))
-
-    def style(r, i_adamw):
-        if r["optimizer"] == "muon":
-            return dict(color=colors["muon"] if r["lr"] == 1e-2 else "#e67e22")
-        return dict(color=colors["adamw"][i_adamw % 3])
-
-    def draw(ax, rs, xkey, title):
-        ia = 0
-        for r in rs:
-            st = style(r, ia)
-            ia += r["optimizer"] == "adamw"
-            lab = f"{'Muon' if r['optimizer'] == 'muon' else 'AdamW'} lr {r['lr']:g}"
-            xs = [x[xkey] for x in r["log"]]
-            ax.plot(xs, [x["loss"] for x in r["log"]], "-", lw=1.6, label=f"{lab} train", **st)
-            vx = [x[xkey] for x in r["log"] if "val_loss" in x]
-            ax.plot(vx, [x["val_loss"] for x in r["log"] if "val_loss" in x], "o--", ms=7, mec="k",
-                    label=f"{lab} val", **st)
-        ax.set_title(title, fontsize=10)
-        ax.set_ylabel("cross-entropy loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-
-    c4, c2 = mva["per_preset"]["17m"], mva["per_preset"]["17m_secondary_call2_60_steps"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [2, 1]})
-    draw(axes[0], sweep_runs("call4"), "step",
-         "call4: 17m MoE-MLA-RoPE LR sweep, 220 steps x 16384 tok (4 of 6 finished; val only at step 220)")
-    axes[0].axhline(c4["adamw_final_train_loss"], color="grey", ls=":", lw=1)
-    s = c4["muon_steps_to_adamw_train_loss"]
-    axes[0].annotate(f"Muon train loss reaches AdamW's final\n({c4['adamw_final_train_loss']}) at step {s}"
-                     f" = {c4['ratio']} x {c4['adamw_steps']}",
-                     xy=(s, c4["adamw_final_train_loss"]), xytext=(s + 30, c4["adamw_final_train_loss"] + 0.9),
-                     arrowprops=dict(arrowstyle="->"), fontsize=8)
-    axes[0].set_xlabel("step")
-    draw(axes[1], sweep_runs("call2"), "step", "call2: 60 steps, val every 20 (15 runs shared the GPU)")
-    axes[1].axhline(c2["adamw_final_val_loss"], color="grey", ls=":", lw=1)
-    axes[1].set_xlabel("step")
-    for ax in axes:
-        ax.set_ylim(4.3, 8.8)
+def plot_arch(runs: list[dict]) -> str:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in ("54m-mha-muon-lr0.003", "54m-mla-dense-muon-lr0.003", "54m-moe-mla-rope-muon-lr0.003"):
+        r = next(x for x in runs if x["name"] == name)
+        steps, vals = zip(*r["_vals"])
+        ax.plot([s * r["tokens"] / r["steps"] / 1e6 for s in steps], vals, marker=".", label=r["arch"])
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("validation loss")
+    ax.set_ylim(top=6.0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("54m architectures, Muon lr 3e-3, same tokens and schedule")
     fig.tight_layout()
-    fig.savefig(RES / "loss_vs_step_17m.png", dpi=120)
+    fig.savefig(RESULTS / "arch_54m.png", dpi=110)
     plt.close(fig)
-    made.append("loss_vs_step_17m.png")
+    return "arch_54m.png"
 
-    fig, ax = plt.subplots(figsize=(9, 5.2))
-    draw(ax, sweep_runs("call4"), "flops", "call4: 17m loss vs cumulative training FLOPs (3 x forward, model only)")
-    ax.set_xlabel("cumulative training FLOPs (Muon and AdamW: same FLOPs per step; optimizer FLOPs not counted)")
-    ax.set_ylim(4.3, 8.8)
-    fig.tight_layout()
-    fig.savefig(RES / "loss_vs_flops_17m.png", dpi=120)
-    plt.close(fig)
-    made.append("loss_vs_flops_17m.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for ax, name in zip(axes, ("17m-moe-mla-rope-muon-lr0.01", "17m-moe-mla-rope-adamw-lr0.001")):
-        r = get[("call4", name)]
-        steps = [x["step"] for x in r["log"]]
-        loads = [x["expert_load_max_over_mean"] for x in r["log"]]
-        cmap = plt.get_cmap("viridis")
-        for layer in range(len(loads[0])):
-            ax.plot(steps, [l[layer] for l in loads], "-o", ms=3, color=cmap(layer / (len(loads[0]) - 1)),
-                    label=f"layer {layer}")
-        ax.axhline(1.0, color="k", ls=":", lw=1)
-        ax.axhline(62 / 6, color="grey", ls="--", lw=1)
-        ax.text(steps[0], 62 / 6 + 0.15, "62/6 = 10.33: all tokens on the same 6 experts", fontsize=7)
-        ax.text(steps[0], 1.15, "1.0 = perfectly balanced", fontsize=7)
-        ax.set_title(f"call4 {name}" + (" (embedded default)" if "muon" in name else " (for contrast)"), fontsize=9)
+def plot_expert_load(runs: list[dict]) -> str:
+    pick = [("54m-moe-mla-rope-muon-lr0.003", "bias rate 1e-3 (DeepSeek-V3)"),
+            ("54m-moe-mla-rope-muon-lr0.003-bias1e-2", "bias rate 1e-2")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, (name, title) in zip(axes, pick):
+        r = next(x for x in runs if x["name"] == name)
+        rows = [x for x in r["_log"] if "expert_load_max_over_mean" in x]
+        for layer in range(len(rows[0]["expert_load_max_over_mean"])):
+            ax.plot([x["step"] for x in rows], [x["expert_load_max_over_mean"][layer] for x in rows], label=f"layer {layer}")
+        ax.axhline(62 / 6, color="grey", ls=":", lw=0.8)
+        ax.set_title(f"54m Muon lr 3e-3, {title}: final val {r['final_val_loss']:.4f}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("expert load max / mean (per MoE layer, per logged step)")
-    axes[1].legend(fontsize=7, ncol=2)
+    axes[0].set_ylabel("max / mean expert load per layer (1 = balanced)")
+    fig.suptitle("Router balance; dotted line 10.33 = every token on the same 6 of 62 experts")
+    axes[0].legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(RES / "expert_load.png", dpi=120)
+    fig.savefig(RESULTS / "expert_load.png", dpi=110)
     plt.close(fig)
-    made.append("expert_load.png")
-
-    if arch["rows"]:
-        fig, ax = plt.subplots(figsize=(9, 5.2))
-        palette = {"moe-mla-rope": "#c0392b", "mla-dense": "#27ae60", "mha": "#1f4e99", "mha-moe": "#8e44ad"}
-        for row in arch["rows"]:
-            call, name = row["run"].split("/")
-            r = get[(call, name)]
-            c = palette[row["arch"]]
-            ax.plot([x["step"] for x in r["log"]], [x["loss"] for x in r["log"]], "-", color=c,
-                    label=f"{row['arch']} train ({name})")
-            vp = val_points(r["log"])
-            ax.plot([s for s, _ in vp], [v for _, v in vp], "o--", color=c, ms=7, mec="k",
-                    label=f"{row['arch']} val (final {vp[-1][1]})")
-        ax.set_xlabel("step (64 x 256 tokens each)")
-        ax.set_ylabel("cross-entropy loss (nats/token)")
-        ax.set_title("54m architectures, Muon lr 3e-3, 60 steps (call2); mha-moe OOM'd", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(RES / "arch_54m.png", dpi=120)
-        plt.close(fig)
-        made.append("arch_54m.png")
-    return made
-
-
-# ----------------------------------------------------------------------------- default-model check
-def check_default() -> dict:
-    """Re-measure the embedded default's val loss with train.py's evaluate (same 16 x 64 x 256 windows), on CPU."""
-    import tempfile
-
-    import torch
-
-    from perseus_edge.checkpoint import load_checkpoint
-    from perseus_edge.data import tokenize_split
-    from perseus_edge.tokenizer import load_tokenizer
-    from perseus_edge.train import evaluate
-
-    folder = ROOT / "perseus_edge" / "assets" / "default"
-    model, tok = load_checkpoint(folder)
-    model.float()
-    valid = tokenize_split(load_tokenizer(tok), None, "valid", Path(tempfile.gettempdir()) / "perseus_tokens_check",
-                           None, False)
-    v = evaluate(model, valid, 256, 64, 16, torch.device("cpu"))
-    manifest = json.loads((folder / "manifest.json").read_text())
-    return {"default_model": str(folder.relative_to(ROOT)), "source_run": manifest.get("source_run"),
-            "dtype": manifest.get("dtype"), "val_loss_cpu_fp32_from_bf16_weights": round(v, 5),
-            "how": "perseus_edge.train.evaluate(model, valid, seq_len=256, batch_size=64, max_batches=16) on CPU"}
+    return "expert_load.png"
 
 
 # ----------------------------------------------------------------------------- README
-def fmt(x, nd=None):
-    if x is None:
-        return "-"
-    if isinstance(x, float) and nd is not None:
-        return f"{x:.{nd}f}"
-    return str(x)
+def fmt_loss(x):
+    return f"{x:.4f}" if x is not None else "-"
 
 
-def pct(x, nd=2):
-    return "-" if x is None else f"{100 * x:.{nd}f}%"
-
-
-def write_readme(runs, summary, mva, arch, proj, thr, default_check) -> str:
-    from perseus_edge.model.config import preset
-
-    c4 = mva["per_preset"]["17m"]
-    c2 = mva["per_preset"]["17m_secondary_call2_60_steps"]
-    L = []
-    w = L.append
-    w("# Training results (issue 4): MoE-MLA-RoPE on one lent H100\n")
-    w("Generated by `python bench/training_report.py` from the raw device outputs in `raw/call{1..4}/` "
-      "(do not edit by hand). Machine-readable: `summary.json` (one record per run), `muon_vs_adamw.json`, "
-      "`arch_54m.json`. Every run was one `perseus train ...` command (batch 64 x seq 256 = 16384 tokens/step, "
-      "bf16 autocast, seed 0), launched by `bench/gpu/train_suite.py`; the exact command of every row is in "
-      "[Commands](#commands). `mfu` is the logged fraction of 989 TFLOP/s (H100 dense bf16); FLOPs = 3 x "
-      "forward FLOPs at mean context 128, model only.\n")
-    w("## What happened, call by call\n")
-    w("- **call1**: every eager run crashed at step 1 (`index_add_(): self (Float) and source (BFloat16)` - the "
-      "bf16 dtype bug in the MoE scatter, since fixed). The two `--compile` probes (17m, 54m) wrote no log record "
-      f"(first record is at step 10) before the {COMPILE_DEADLINE_S} s deadline and were killed: torch.compile of "
-      "this model did not get through compilation + 10 steps in 240 s. No usable training numbers.")
-    w("- **call2**: solo eager probes (17m, 54m; 60 steps), then 15 runs sharing the GPU for 60 steps each "
-      "(0.98M tokens). Most MoE runs died of CUDA OOM (15 processes on 79.18 GiB); one died of a cuDNN internal "
-      "error under the same memory pressure. Survivors: 17m Muon lr 1e-3, 1e-2, AdamW 3e-3; 54m mla-dense and mha.")
-    w("- **call3**: solo probes (40 steps), then 10 runs sharing the GPU (17m sweep 80 steps, 54m runs 90 steps). "
-      "Survivors: 17m Muon lr 1e-3, 3e-3 and 54m mha; everything else OOM.")
-    w("- **call4**: 17m LR sweep, 6 runs x 220 steps (3.6M tokens each) sharing the GPU. Muon lr 1e-3 and 3e-3 "
-      "died of CUDA OOM before their first log record (step 10; ~20 s after launch; the session saw step ~4 on the "
-      "progress bar; failed allocations of 512 MiB / 398 MiB, consistent with the padded [experts, capacity, d] "
-      "MoE buffers); Muon lr 1e-2 and AdamW 1e-3, 3e-3, 1e-2 finished. The Muon lr 1e-2 run is the embedded "
-      "default model. The machine stayed warm from call3, so `raw/call4/` also holds call3's files (probes, 54m "
-      "runs, and call3's rows at the top of its runs.jsonl); this report counts them once, under call3.\n")
-
-    w("## Runs\n")
-    w("Only runs that wrote log records have numbers; `tok/s` and `mfu` are medians over the log records after "
-      "the first (each record covers 10 steps; the first includes warm-up). `conc.` = processes sharing the GPU. "
-      "`#` links to the command.\n")
-    w("| # | call | run | steps | tokens | final val | final train | tok/s | mfu | conc. | status |")
-    w("|---|---|---|---|---|---|---|---|---|---|---|")
-    for i, s in enumerate(summary, 1):
-        w(f"| [{i}](#c{i}) | {s['call']} | {s['name']} | {fmt(s['steps'])}/{s['planned_steps']} | {fmt(s['tokens'])} "
-          f"| {fmt(s['final_val_loss'])} | {fmt(s['final_train_loss'])} | {fmt(s['tokens_per_s'])} "
-          f"| {fmt(s['mfu'])} | {s['concurrent']} | {s['status']} |")
-    n_fin = sum(s["status"] == "finished" for s in summary)
-    n_oom = sum(s["status"] == "crashed: OOM" for s in summary)
-    w(f"\n{len(summary)} runs launched, {n_fin} finished, {n_oom} CUDA OOM, "
-      f"{sum(s['status'].startswith('crashed: bf16') for s in summary)} bf16 dtype bug, "
-      f"{sum(s['status'] == 'killed' for s in summary)} killed (compile), "
-      f"{sum('cuDNN' in s['status'] for s in summary)} cuDNN error. `wall_s` in summary.json is when "
-      "train_suite.py's sequential wait on that process returned, so for concurrent runs it is an upper bound.\n")
-
-    w("## Muon vs AdamW (17m, moe-mla-rope, equal steps)\n")
-    w(f"Primary: call4, 220 steps. AdamW lrs swept {c4['adamw_lrs_swept']} (all finished); Muon lrs swept "
-      f"{c4['muon_lrs_swept']}, finished {c4['muon_lrs_finished']} (1e-3, 3e-3: OOM).\n")
-    w("| lr | AdamW final val (220) | AdamW final train (220) | Muon lr 1e-2 reaches that train loss at step |")
-    w("|---|---|---|---|")
-    for lr, d in sorted(c4["per_adamw_lr"].items(), key=lambda kv: float(kv[0])):
-        w(f"| {lr} | {d['adamw_final_val_loss']} | {d['adamw_final_train_loss']} | {d['muon_step_by_train_loss']} |")
-    w(f"| **Muon 1e-2** | **{c4['muon_final_val_loss']}** | **{c4['muon_final_train_loss']}** | |\n")
-    w(f"- Best AdamW: lr {c4['adamw_best_lr']:g}, final val **{c4['adamw_final_val_loss']}**, train "
-      f"{c4['adamw_final_train_loss']} at step {c4['adamw_steps']}. Muon lr {c4['muon_best_lr']:g}: final val "
-      f"**{c4['muon_final_val_loss']}** at the same step ({c4['adamw_final_val_loss'] - c4['muon_final_val_loss']:.5f} "
-      "nats lower).")
-    w(f"- Steps for Muon to reach AdamW's loss: by val loss only `<= {c4['muon_steps_to_adamw_loss']}` "
-      "(val was logged at step 220 only: eval_every=27 never coincided with log_every=10 before the last step). "
-      f"By training loss (logged every 10 steps, same batch per step in every run): step "
-      f"**{c4['muon_steps_to_adamw_train_loss']}** -> ratio **{c4['ratio']}** (between "
-      f"{c4['ratio_by_train_loss_interval'][0]} and {c4['ratio_by_train_loss_interval'][1]} at 10-step resolution). "
-      f"Against AdamW's mean train loss of its last 3 records ({c4['adamw_mean_last3_train_loss']}): step "
-      f"{c4['muon_steps_to_adamw_mean_last3_train_loss']}. Muon's train loss is below AdamW's final *val* loss from "
-      f"step {c4['muon_steps_train_loss_to_adamw_val_loss']}.")
-    w(f"- Same model FLOPs per step, so the step ratio is the compute fraction. Wall-clock (4 runs sharing the "
-      f"GPU): Muon ran at {c4['muon_tokens_per_s_median']} tok/s vs AdamW {c4['adamw_tokens_per_s_median']} "
-      f"(Muon's per-matrix Newton-Schulz is not in the FLOP count); Muon reached the target after "
-      f"~{c4['muon_seconds_to_adamw_train_loss']} s of loop time vs AdamW's {c4['adamw_seconds_total']} s for 220 "
-      "steps (from the logged per-interval tokens/s).")
-    w(f"- Secondary, call2 (60 steps, val every 20, only AdamW lr 3e-3 survived): AdamW final val "
-      f"{c2['adamw_final_val_loss']}; Muon lr {c2['muon_best_lr']:g} val {c2['muon_final_val_loss']}; Muon's val "
-      f"passed AdamW's final at step {c2['muon_steps_to_adamw_loss']} of {c2['adamw_steps']} (ratio <= "
-      f"{c2['ratio_by_val_loss']}, 20-step resolution).")
-    w(f"- 54m: no pair. {mva['54m_reason']}\n")
-    w("![loss vs step](loss_vs_step_17m.png)\n")
-    w("![loss vs FLOPs](loss_vs_flops_17m.png)\n")
-
-    w("## Architectures at 54m (equal steps)\n")
-    w(f"Muon lr 3e-3, 60 steps (983040 tokens), call2. KV cache: bf16 bytes per token over all 8 layers, "
-      "`preset('54m', arch).kv_bytes_per_token(2)`.\n")
-    w("| arch | val loss (60) | perplexity | final train | KV bytes/token | params total / active | tok/s | run |")
-    w("|---|---|---|---|---|---|---|---|")
-    for r in arch["rows"]:
-        w(f"| {r['arch']} | {r['val_loss']} | {r['perplexity']} | {r['final_train_loss']} | "
-          f"{r['kv_cache_bytes_per_token_bf16']} | {r['params_total']} / {r['params_active']} | "
-          f"{r['tokens_per_s_median']} ({r['concurrent']} on GPU) | {r['run']} |")
-    w("")
-    for a, why in arch["missing"].items():
-        w(f"- **{a} missing**: {why}.")
-    w("- The moe-mla-rope row is call2's solo throughput probe: identical training command (lr, steps, warmup, "
-      "seed) except `--eval-every 1000`, so its val loss exists only at step 60; tok/s rows are not comparable "
-      "(1 vs 15 processes on the GPU).")
-    w(f"- {arch['call3_note']}\n")
-    w("![54m architectures](arch_54m.png)\n")
-
-    w("## Throughput and MFU\n")
-    w("Solo eager probes (moe-mla-rope, Muon lr 3e-3, one process on the GPU); medians over log records after "
-      "the first.\n")
-    w("| call | preset | compile | steps | tok/s | mfu | FLOPs/token (3 x fwd) |")
-    w("|---|---|---|---|---|---|---|")
-    for t in thr["probes"]:
-        w(f"| {t['call']} | {t['preset']} | {t['compile']} | {t['steps']} | {fmt(t['tokens_per_s'])} | "
-          f"{fmt(t['mfu'])} | {t['flops_per_token']} |")
-    w(f"| call1 | 17m, 54m | on | 0 | no log record in {COMPILE_DEADLINE_S} s (killed) | - | |\n")
-    w(f"- Under sharing, per-run medians: MoE Muon {thr['moe_muon_range'][0]}-{thr['moe_muon_range'][1]} tok/s, "
-      f"MoE AdamW {thr['moe_adamw_range'][0]}-{thr['moe_adamw_range'][1]} tok/s, dense 54m "
-      f"{thr['dense_range'][0]}-{thr['dense_range'][1]} tok/s (mfu {thr['dense_mfu_range'][0]}-"
-      f"{thr['dense_mfu_range'][1]}). Summed over the 4 finished call4 runs the GPU reached mfu "
-      f"{thr['call4_sum_mfu']} ({pct(thr['call4_sum_mfu'])}).")
-    w(f"- Evidence that it is launch/CPU-bound, not FLOP-bound: 54m does {thr['flops_ratio_54_17']}x the FLOPs per "
-      f"token of 17m yet ran at the same or higher tokens/s solo ({thr['probes'][0]['tokens_per_s']} vs "
-      f"{thr['probes'][1]['tokens_per_s']}, {thr['probes'][2]['tokens_per_s']} vs {thr['probes'][3]['tokens_per_s']}); "
-      f"Muon runs are ~{thr['muon_slowdown']}x slower per step than AdamW on the same model (call4 medians).\n")
-
-    w("## Seed-claim verdicts\n")
-    w(f"- **Muon needs 48-52% of AdamW's compute: {mva['verdict'].upper()}** (measured {c4['ratio']}: Muon needed "
-      f"less than claimed). {mva['verdict_text']}")
-    rel = arch["moe_mla_rope_vs_mha"]
-    mm = {r["arch"]: r for r in arch["rows"]}
-    w(f"- **MoE-MLA-RoPE 6.9% better than vanilla at 54M: NOT MEASURABLE here.** The only equal-step data is 60 "
-      f"steps (983040 tokens, ~0.018 tokens per parameter) - an early-training snapshot, not the trained models the "
-      f"claim is about. For the record: moe-mla-rope val {mm['moe-mla-rope']['val_loss']} vs mha "
-      f"{mm['mha']['val_loss']} ({pct(rel['val_loss_reduction_vs_mha'])} lower loss, "
-      f"{pct(rel['perplexity_reduction_vs_mha'])} lower perplexity), while dense MLA (mla-dense) was best at "
-      f"{mm['mla-dense']['val_loss']}; mha-moe (the matched vanilla MoE) OOM'd; no 54m run went past 90 steps.")
-    w(f"- **MFU 35%: NOT MET.** Best MoE mfu: {thr['best_moe_mfu']} ({pct(thr['best_moe_mfu'])}, solo 54m probe); "
-      f"17m MoE {thr['probe_17m_mfu_range'][0]}-{thr['probe_17m_mfu_range'][1]}; best dense run {thr['best_dense_mfu']} "
-      f"({pct(thr['best_dense_mfu'])}) while sharing the GPU. Why: the step is bound by kernel launches and Python, "
-      f"not FLOPs: per-expert Python loops / per-expert weight stacking in the MoE layers (62 routed + shared experts "
-      f"x 8 layers), and Muon's Newton-Schulz run matrix by matrix over {thr['muon_matrices']} matrices "
-      f"({thr['muon_matrices_expert']} of them expert matrices) every step; at 17m/54m a single step is far too "
-      "small to fill an H100, and torch.compile did not finish compiling in 240 s. The padded MoE path also "
-      "multiplies expert FLOPs and memory by max/mean load (up to 10.33 here, see below), which is what OOM'd. "
-      "What would fix it: grouped-GEMM experts (`torch._grouped_mm`, or experts stored as 3-D [E, out, in] "
-      "tensors) with a batched Muon that orthogonalises all experts of a layer in one batched Newton-Schulz; CUDA "
-      "graphs for the step (static shapes: fixed expert capacity); a larger per-step batch (more tokens per launch); "
-      "then torch.compile once the graph is static; and one run per GPU instead of many OOM-prone processes.\n")
-
-    w("## Expert load (embedded default run)\n")
-    w(f"![expert load](expert_load.png)\n")
-    el = thr["expert_load"]
-    w(f"call4 Muon lr 1e-2: per-layer max/mean expert load at step 220: {el['muon_final']} (1.0 = balanced; 10.33 = "
-      f"every token on the same 6 of 62 experts). AdamW lr 1e-3 at step 220: {el['adamw_final']}. The aux-loss-free "
-      "bias (rate 1e-3/step) did not balance the Muon run within 220 steps: the default model routes most tokens "
-      "to a few experts per layer.\n")
-
-    w("## What the ~202M preset would take\n")
-    w(f"`preset('202m')`: {proj['params_total']} total / {proj['params_active']} active parameters, "
-      f"{proj['flops_per_token']} training FLOPs/token, 12 layers (vs 8). Token budget 20 tokens/param (total "
-      f"params): {proj['tokens_20x']:.4g} tokens ({proj['tokens_20x_active']:.4g} on active params).")
-    w(f"- At the measured launch-bound speed: solo 54m probes ran {proj['tok_s_54m']} tok/s; 17m -> 54m shows "
-      f"tokens/s does not fall with width, so scale by layers (8/12): {proj['tok_s_202m'][0]:.0f}-"
-      f"{proj['tok_s_202m'][1]:.0f} tok/s -> {proj['hours_launch_bound'][1]:.0f}-{proj['hours_launch_bound'][0]:.0f} "
-      f"GPU-hours on one H100 for {proj['tokens_20x']:.4g} tokens. The session's 30 device-minutes would give "
-      f"{proj['tokens_in_30min'][0]:.3g}-{proj['tokens_in_30min'][1]:.3g} tokens "
-      f"({pct(proj['fraction_in_30min'][0])}-{pct(proj['fraction_in_30min'][1])} of the budget): not trainable here.")
-    w(f"- At the 35% MFU goal: {proj['tok_s_at_goal']:.0f} tok/s -> {proj['hours_at_goal']:.2f} h on one H100 "
-      f"({proj['hours_at_goal'] / 2:.2f} h on 2 with perfect scaling). Fitting the 20-tokens/param budget into 30 "
-      f"device-minutes on one H100 would need {pct(proj['mfu_for_30min'])} MFU.\n")
-
-    w("## 2-GPU run\n")
-    w("Not done: no 2-GPU machine was lent in this session (the device tool listed only nvidia-h100-x1 and "
-      "nvidia-h200). `perseus train` supports torchrun DDP (see perseus_edge/train.py) but it is untested on GPUs.\n")
-
-    w("## Embedded default model provenance\n")
-    r = next(x for x in summary if x["call"] == "call4" and x["name"] == "17m-moe-mla-rope-muon-lr0.01")
-    w(f"`perseus_edge/assets/default/` = call4 run `17m-moe-mla-rope-muon-lr0.01` (manifest `source_run`), "
-      f"preset 17m moe-mla-rope ({preset('17m').param_counts()['total']} params), Muon lr 1e-2 (AdamW 1e-2 for "
-      f"embeddings/head/norms/router), {r['steps']} steps, {r['tokens']} tokens, final val loss "
-      f"{r['final_val_loss']}, final train loss {r['final_train_loss']}; re-saved as bf16 safetensors shards "
-      "(<= 15 MiB) by `train_suite.py package` and carried back as 15 MiB tar pieces. Command: "
-      f"[#{summary.index(r) + 1}](#c{summary.index(r) + 1}).\n")
-    if default_check:
-        w(f"Check: re-evaluated on CPU in fp32 from the bf16 weights with train.py's `evaluate` on the same "
-          f"16 x 64 x 256 validation windows: val loss {default_check['val_loss_cpu_fp32_from_bf16_weights']} "
-          f"(logged on the GPU: {r['final_val_loss']}; call2's 60-step run of the same name had "
-          f"{next(x for x in summary if x['call'] == 'call2' and x['name'] == r['name'])['final_val_loss']}), so "
-          "the default is the call4 run.\n")
-    w("It is a 3.6M-token model (~0.2 tokens/param): a working, far-from-converged default.\n")
-
-    w("## Commands\n")
-    w("Exactly as recorded in `raw/callN/runs.jsonl` (`perseus train` = `python -m perseus_edge.cli train`; "
-      "`-o` was under /tmp/suite on the device).\n")
-    for i, s in enumerate(summary, 1):
-        w(f"<a id=\"c{i}\"></a>{i}. {s['call']} `{s['name']}` ({s['status']}):\n   `{s['command']}`")
-    w("")
-    return "\n".join(L)
-
-
-def throughput(runs: list[dict], summary: list[dict]) -> dict:
-    from perseus_edge.model.config import preset
-
-    probes = []
-    for s in summary:
-        if s["name"].startswith("probe") and s["log_records"]:
-            probes.append({"call": s["call"], "preset": s["preset"], "compile": "on" if s["compile"] else "off",
-                           "steps": s["steps"], "tokens_per_s": s["tokens_per_s"], "mfu": s["mfu"],
-                           "flops_per_token": 3 * preset(s["preset"]).flops_per_token(128)})
-    probes.sort(key=lambda p: (p["call"], p["preset"]))
-    fin = [s for s in summary if s["status"] == "finished" and not s["name"].startswith("probe")]
-    moe_muon = [s["tokens_per_s"] for s in fin if s["arch"] == "moe-mla-rope" and s["optimizer"] == "muon"]
-    moe_adamw = [s["tokens_per_s"] for s in fin if s["arch"] == "moe-mla-rope" and s["optimizer"] == "adamw"]
-    dense = [s for s in fin if s["arch"] in ("mha", "mla-dense")]
-    c4 = [s for s in fin if s["call"] == "call4"]
-    c4m = statistics.median(s["tokens_per_s"] for s in c4 if s["optimizer"] == "muon")
-    c4a = statistics.median(s["tokens_per_s"] for s in c4 if s["optimizer"] == "adamw")
-    get = {(r["call"], r["name"]): r for r in runs}
-    mu = get[("call4", "17m-moe-mla-rope-muon-lr0.01")]["log"][-1]["expert_load_max_over_mean"]
-    ad = get[("call4", "17m-moe-mla-rope-adamw-lr0.001")]["log"][-1]["expert_load_max_over_mean"]
-    muon_mats, muon_expert = count_muon_matrices()
-    return {
-        "probes": probes,
-        "moe_muon_range": [min(moe_muon), max(moe_muon)], "moe_adamw_range": [min(moe_adamw), max(moe_adamw)],
-        "dense_range": [min(s["tokens_per_s"] for s in dense), max(s["tokens_per_s"] for s in dense)],
-        "dense_mfu_range": [min(s["mfu"] for s in dense), max(s["mfu"] for s in dense)],
-        "call4_sum_mfu": round(sum(s["mfu"] for s in c4), 4),
-        "flops_ratio_54_17": round(preset("54m").flops_per_token(128) / preset("17m").flops_per_token(128), 2),
-        "muon_slowdown": round(c4a / c4m, 2),
-        "best_moe_mfu": max(p["mfu"] for p in probes),
-        "probe_17m_mfu_range": [min(p["mfu"] for p in probes if p["preset"] == "17m"),
-                                max(p["mfu"] for p in probes if p["preset"] == "17m")],
-        "best_dense_mfu": max(s["mfu"] for s in dense),
-        "muon_matrices": muon_mats, "muon_matrices_expert": muon_expert,
-        "expert_load": {"muon_final": mu, "adamw_final": ad},
-        "compile": f"call1: --compile probes (17m, 54m) wrote no log record within {COMPILE_DEADLINE_S} s, killed",
-    }
-
-
-def count_muon_matrices() -> tuple[int, int]:
-    import torch
-
-    from perseus_edge.model.config import preset
-    from perseus_edge.model.transformer import PerseusLM
-    from perseus_edge.train import param_groups
-
-    with torch.device("meta"):
-        model = PerseusLM(preset("17m"))
-    muon, _ = param_groups(model)
-    expert_ids = {id(p) for n, p in model.named_parameters() if ".experts." in n or "shared_experts" in n}
-    return len(muon), sum(id(p) in expert_ids for p in muon)
-
-
-def projection_202m(thr: dict) -> dict:
-    from perseus_edge.model.config import preset
-
-    cfg = preset("202m")
-    pc = cfg.param_counts()
-    fpt = 3 * cfg.flops_per_token(128)
-    tok54 = sorted(p["tokens_per_s"] for p in thr["probes"] if p["preset"] == "54m")
-    layers = cfg.num_hidden_layers / preset("54m").num_hidden_layers
-    tok202 = [t / layers for t in tok54]
-    tokens = 20 * pc["total"]
-    goal = MFU_GOAL * H100_BF16_PEAK / fpt
-    return {
-        "params_total": pc["total"], "params_active": pc["active"], "flops_per_token": fpt,
-        "tokens_20x": tokens, "tokens_20x_active": 20 * pc["active"],
-        "tok_s_54m": tok54, "layer_factor": layers, "tok_s_202m": tok202,
-        "hours_launch_bound": [tokens / t / 3600 for t in tok202],
-        "tokens_in_30min": [1800 * t for t in tok202],
-        "fraction_in_30min": [1800 * t / tokens for t in tok202],
-        "tok_s_at_goal": goal, "hours_at_goal": tokens / goal / 3600,
-        "mfu_for_30min": tokens * fpt / 1800 / H100_BF16_PEAK,
-    }
+def write_readme(runs, mva, arch, thr, test_ppl) -> str:
+    L = ["<!-- generated by `python bench/training_report.py` from raw/: do not edit by hand -->",
+         "# Training results (issue 4), campaign 2",
+         "",
+         "MoE-MLA-RoPE family on one lent H100 80GB (calls 5-8, `balance`) and one 2 x H200 host (`ddp`); the device "
+         "calls and the scripts are in [bench/gpu/README.md](../../gpu/README.md). Every run: batch 32 x 512 = 16,384 "
+         "tokens/step, bf16 autocast, seed 0, warmup + cosine; val loss on 16 x 32 x 512 = 262,144 valid tokens. "
+         "Campaign 1 (padded experts, per-matrix Muon, mostly OOM) is kept as history in "
+         "[README-campaign1.md](README-campaign1.md) with its raw data in raw/call1-4.",
+         "",
+         "## Muon vs AdamW (MoE-MLA-RoPE)",
+         "",
+         "| preset | AdamW best lr | AdamW final val | Muon best lr | Muon final val | Muon steps to AdamW's final val | ratio | seed 0.48-0.52 |",
+         "|---|---|---|---|---|---|---|---|"]
+    for p in ("17m", "54m"):
+        m = mva[p]
+        L.append(f"| {p} | {m['adamw_best_lr']:g} | {m['adamw_final_val_loss']:.4f} | {m['muon_best_lr']:g} | "
+                 f"{m['muon_final_val_loss']:.4f} | {m['muon_steps_to_adamw_loss_interpolated']} of {m['adamw_steps']} "
+                 f"(first eval below: {m['muon_steps_to_adamw_loss']}) | **{m['ratio']}** | {m['verdict']} |")
+    L += ["", "Swept (final val loss): " + "; ".join(
+        f"{p} {o} " + ", ".join(f"{lr}: {v:.4f}" for lr, v in mva[p]["swept"][o].items())
+        for p in ("17m", "54m") for o in ("muon", "adamw")) + ". Best lrs are interior to every grid: "
+        + str(all(all(mva[p]["best_lr_bracketed"].values()) for p in ("17m", "54m"))) + ".",
+        "", mva["note"] + " At the end Muon is also "
+        + ", ".join(f"{100 * (mva[p]['adamw_final_val_loss'] - mva[p]['muon_final_val_loss']) / mva[p]['adamw_final_val_loss']:.1f}% ({p})" for p in ("17m", "54m"))
+        + " lower in val loss at equal steps.",
+        "", "![17m](loss_vs_step_17m.png)", "![54m](loss_vs_step_54m.png)", "",
+        "## Architectures at 54m (Muon lr 3e-3, same tokens)", "",
+        "| arch | params total / active | KV bytes/token (bf16) | final val | val ppl | vs MHA | solo train tok/s (H100) |",
+        "|---|---|---|---|---|---|---|"]
+    for a in ("mha", "mla-dense", "moe-mla-rope"):
+        r = arch[a]
+        L.append(f"| {a} | {r['params_total'] / 1e6:.1f}M / {r['params_active'] / 1e6:.1f}M | {r['kv_bytes_per_token_bf16']:,} | "
+                 f"{r['final_val_loss']:.4f} | {r['val_ppl']} | {r['delta_vs_mha_pct']:+.2f}% | {r['solo_tokens_per_s'] or 0:,.0f} |")
+    tokens = arch["moe-mla-rope"]["tokens"]
+    L += ["", f"- {arch['verdicts']['mla_costs_under_1pct']}.", f"- {arch['verdicts']['moe_mla_rope_6.9pct_better']}.",
+          f"- At this budget ({tokens / 1e6:.1f}M tokens, ~0.1 token per parameter) the comparison is of early training, "
+          "not of converged models; one seed. The MoE's routing was still far from balanced at the end (max/mean expert "
+          f"load per layer {arch['moe-mla-rope']['expert_load_final']}), see the router-balance section.",
+          "", "![arch](arch_54m.png)", ""]
+    bal = sorted((r for r in runs if r["call"] == "balance" or r["name"] == "54m-moe-mla-rope-muon-lr0.003"),
+                 key=lambda r: r["router_bias_rate"])
+    L += ["## Router balance (aux-loss-free bias update rate, 54m)", "",
+          "| bias update per step | final val | max/mean expert load per layer at the end |", "|---|---|---|"]
+    L += [f"| {r['router_bias_rate']:g} | {r['final_val_loss']:.4f} | {r['expert_load_final']} |" for r in bal]
+    L += ["", "DeepSeek-V3's 1e-3 is made for trillions of tokens; in 350 steps it leaves several layers routing most "
+          "tokens to a few experts. 3e-3 to 1e-2 balance the load (max/mean 1.3-2.0) but gain only "
+          f"{bal[0]['final_val_loss'] - min(r['final_val_loss'] for r in bal):.4f} nats of val loss here.",
+          "", "![load](expert_load.png)", "",
+          "## Throughput and MFU (solo, H100, bf16)", "",
+          "| call | preset | arch | optimizer | Muon impl | compile | step ms | tokens/s | MFU | peak GiB |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in thr["probes"]:
+        L.append(f"| {r['call']} | {r['preset']} | {r['arch']} | {r['optimizer']} | {r['muon_impl']} | {r['compile']} | "
+                 f"{r['step_ms']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.2f}% | {r['max_mem_gib']} |")
+    big = thr["largest_preset_trained"]
+    L += ["", "- GroupedMuon vs torch.optim.Muon, whole training step: " + ", ".join(
+              f"{v}x faster at {k}" for k, v in thr["groupedmuon_speedup_vs_torch_muon"].items()) + ".",
+          "- Regional torch.compile (each decoder layer), step-time speedup: " + ", ".join(
+              f"{v}x ({k})" for k, v in thr["compile_speedup"].items()) + ".",
+          f"- MFU goal {100 * MFU_GOAL:.0f}% on the largest preset trained (202m): **not met** - {100 * big['mfu_eager']:.2f}% eager, "
+          f"{100 * big['mfu_compiled']:.2f}% compiled. These models are too small for an H100: a step is bound by "
+          "per-kernel host work (17m and 54m MoE steps take the same ~140 ms for 3x the FLOPs), not by the tensor cores. "
+          "call7 was measured before and call8 after removing a host sync (bincount) from the router: no difference.",
+          "- Runs in a wave share the GPU, so the per-run tok/s in the runs table are shares, not solo numbers.", ""]
+    d = thr["ddp_h200"]
+    L += ["## Two GPUs (torchrun, NCCL, 2 x H200)", "",
+          f"54m MoE-MLA-RoPE, 120 steps: 1 GPU x batch 32: {d['tokens_per_s']['gpu1-batch32']:,.0f} tok/s; "
+          f"2 GPUs x batch 16 (same global batch): {d['tokens_per_s']['gpu2-batch16']:,.0f} tok/s (**{d['strong_scaling_speedup']}x**); "
+          f"2 GPUs x batch 32: {d['tokens_per_s']['gpu2-batch32']:,.0f} tok/s (**{d['weak_scaling_speedup']}x**). "
+          "Halving the per-GPU batch does not halve a host-bound step, so only weak scaling pays. Same global batch on "
+          f"1 and 2 GPUs gives the same val loss to {abs(d['val_loss_1gpu_vs_2gpu_same_global_batch'][0] - d['val_loss_1gpu_vs_2gpu_same_global_batch'][1]):.4f} "
+          f"({d['val_loss_1gpu_vs_2gpu_same_global_batch'][0]} vs {d['val_loss_1gpu_vs_2gpu_same_global_batch'][1]}); "
+          "the CPU test `tests/test_train.py::test_two_process_ddp_matches_one_process` checks this with gloo.", ""]
+    r202 = next(r for r in runs if r["preset"] == "202m")
+    pj = thr["projection_202m"]
+    L += ["## 202m", "",
+          f"Trained for {r202['steps']} steps ({r202['tokens'] / 1e6:.1f}M tokens, Muon lr 3e-3, solo): val loss "
+          f"{r202['final_val_loss']:.4f}, vs 54m {arch['moe-mla-rope']['final_val_loss']:.4f} and 17m "
+          f"{mva['17m']['muon_final_val_loss']:.4f} after 5-6M tokens. A compute-optimal run "
+          f"(20 tokens/parameter = {pj['tokens_20_per_param'] / 1e9:.1f}B tokens) at the compiled "
+          f"{pj['tokens_per_s_compiled_h100']:,.0f} tok/s would take {pj['h100_hours']} H100-hours, and "
+          f"{pj['epochs_of_the_device_train_prefix']} epochs of the corpus (26.4M tokens): data-bound before it is compute-bound.", ""]
+    L += ["## Shipped models", "",
+          f"- `models/perseus-54m-moe-mla-rope/`: run `54m-moe-mla-rope-muon-lr0.003` (val {arch['moe-mla-rope']['final_val_loss']:.4f}); "
+          f"test perplexity **{test_ppl['models/perseus-54m-moe-mla-rope']['ppl']:.2f}** over "
+          f"{test_ppl['models/perseus-54m-moe-mla-rope']['tokens']:,} tokens (`{test_ppl['models/perseus-54m-moe-mla-rope']['command']}`).",
+          f"- `perseus_edge/assets/default/` (embedded): still campaign 1's 17m Muon run, test perplexity "
+          f"{test_ppl['perseus_edge/assets/default']['ppl']}. Campaign 2's best 17m run (Muon lr 1e-2, val "
+          f"{mva['17m']['muon_final_val_loss']:.4f} at seq 512) was not committed: ~1% better for a second 35 MB model in git history.",
+          "", "## Runs", "",
+          "| # | call | run | steps | tokens | final val | final train | tok/s (shared) | runs sharing the GPU | status |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(runs, 1):
+        L.append(f"| [{i}](#c{i}) | {r['call']} | {r['name']} | {r['steps']} | {r['tokens']:,} | {fmt_loss(r['final_val_loss'])} | "
+                 f"{fmt_loss(r['final_train_loss'])} | {r['tokens_per_s']:,.0f} | {r['concurrent']} | {r['status']} |")
+    L += ["", "## Commands", ""]
+    for i, r in enumerate(runs, 1):
+        L.append(f"<a id=\"c{i}\"></a>{i}. `{r['command']}`")
+    return "\n".join(L) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check-default", action="store_true",
-                    help="re-measure the embedded default's val loss on CPU (~5 min) into default_model_check.json")
-    a = ap.parse_args()
     runs = load_runs()
+    probes = load_probes()
     mva = muon_vs_adamw(runs)
-    targets = {
-        "17m": {"value": mva["per_preset"]["17m"]["adamw_final_val_loss"],
-                "what": "best AdamW final val loss of the call4 17m sweep (lr 1e-3, 220 steps)"},
-        "54m": {"value": next(val_points(r["log"])[-1][1] for r in runs
-                              if r["call"] == "call2" and r["name"] == "54m-mha-muon-lr0.003"),
-                "what": "vanilla MHA's final val loss at 60 steps (call2 54m-mha-muon-lr0.003); no 54m AdamW run finished"},
-    }
-    summary = summary_records(runs, targets)
-    arch = arch_table(runs)
-    thr = throughput(runs, summary)
-    proj = projection_202m(thr)
-    check_file = RES / "default_model_check.json"
-    if a.check_default:
-        check_file.write_text(json.dumps(check_default(), indent=2) + "\n")
-    default_check = json.loads(check_file.read_text()) if check_file.is_file() else None
-
-    (RES / "summary.json").write_text(json.dumps({
-        "fields": {
-            "steps": "last logged step (log every 10 steps and at the last step)",
-            "final_val_loss": "val loss logged at the last logged step (first 16 x 64 x 256 tokens of valid), else null",
-            "steps_to_target": "first logged step whose val loss <= targets[preset].value (null if never / not logged)",
-            "steps_to_target_by_train_loss": "same with the training loss (logged every 10 steps; same batch per step in all runs)",
-            "tokens_per_s": "median of the logged per-interval tokens/s over records after the first",
-            "mfu": "median logged mfu (fraction of 989 TFLOP/s) over records after the first",
-            "concurrent": "processes launched together on the one GPU",
-            "status": "finished | crashed: OOM | crashed: bf16 dtype bug in MoE scatter | crashed: cuDNN internal error | killed",
-            "wall_s": "seconds until train_suite.py's sequential wait on this process returned (upper bound when concurrent)",
-        },
-        "targets": targets,
-        "runs": summary,
-    }, indent=2) + "\n")
-    (RES / "muon_vs_adamw.json").write_text(json.dumps(mva, indent=2) + "\n")
-    (RES / "arch_54m.json").write_text(json.dumps(arch, indent=2) + "\n")
-    (RES / "throughput.json").write_text(json.dumps({**thr, "projection_202m": proj}, indent=2) + "\n")
-    made = plots(runs, mva, arch)
-    (RES / "README.md").write_text(write_readme(runs, summary, mva, arch, proj, thr, default_check))
-    print(f"{len(summary)} runs ({sum(s['status'] == 'finished' for s in summary)} finished); "
-          f"Muon/AdamW ratio {mva['per_preset']['17m']['ratio']} -> {mva['verdict']}; wrote summary.json, "
-          f"muon_vs_adamw.json, arch_54m.json, throughput.json, README.md, {', '.join(made)} in "
-          f"{RES.relative_to(ROOT)}")
+    for r in runs:  # steps_to_target: Muon sweep runs vs their preset's best AdamW final val loss
+        target = mva.get(r["preset"], {}).get("adamw_final_val_loss")
+        r["steps_to_target"] = crossing(r["_vals"], target)[0] if target and r["optimizer"] == "muon" else None
+    arch = arch_54m(runs, probes)
+    thr = throughput(probes, runs)
+    test_ppl = json.loads((RESULTS / "test_ppl.json").read_text())
+    (RESULTS / "summary.json").write_text(json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in runs], indent=1))
+    (RESULTS / "muon_vs_adamw.json").write_text(json.dumps(mva, indent=1))
+    (RESULTS / "arch_54m.json").write_text(json.dumps(arch, indent=1))
+    (RESULTS / "throughput.json").write_text(json.dumps(thr, indent=1))
+    plot_sweeps(runs, mva)
+    plot_arch(runs)
+    plot_expert_load(runs)
+    (RESULTS / "README.md").write_text(write_readme(runs, mva, arch, thr, test_ppl))
+    print(f"wrote {RESULTS}/README.md and {len(runs)} runs")
 
 
 if __name__ == "__main__":
