@@ -3,10 +3,10 @@
     python bench/quantization_report.py                 # ~15 min on 2 cores; writes bench/results/quantization/
     python bench/quantization_report.py --decode DIR    # one decode measurement (JSON), used by the report
 
-Models: the embedded trained 17M model (perseus_edge/assets/default) and a *randomly initialised*
-preset("54m") model (its perplexity deltas are not quality numbers; its size / speed / RSS are).
-Schemes: fp32 (the export), fp16, int8, int4, int4 + int8 cache, and the int8 cache alone; the
-embedded model also with the exporter's `ort-cpu` target (experts in com.microsoft.QMoE).
+Models: the embedded trained 17M model (perseus_edge/assets/default) and the trained 54M one
+(models/perseus-54m-moe-mla-rope). Schemes: fp32 (the export), fp16, int8, int4, int4 + int8
+cache, and the int8 cache alone; fp32 / int8 / int4 also with the exporter's `ort-cpu` target
+(experts in com.microsoft.QMoE).
 
 Every number comes from the CLI a user would run (`perseus export`, `perseus quantize`,
 `perseus eval --split test --json`) or, for speed and memory, from a fresh process per folder
@@ -29,6 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "results" / "quantization"
+# (record name, short name, trained checkpoint folder relative to REPO, work sub-folder)
+MODELS = [("default-17m", "17M", "perseus_edge/assets/default", "default"),
+          ("54m-trained", "54M", "models/perseus-54m-moe-mla-rope", "54m")]
 PROMPT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having "
           "nothing to do")
 # (label, quantize arguments); None = the fp32 export itself
@@ -64,22 +67,6 @@ def data_dir() -> Path:
         if d and (Path(d) / "test.txt.xz").is_file():
             return Path(d)
     raise SystemExit("no data folder with test.txt.xz: set PERSEUS_DATA_DIR")
-
-
-def random_54m(folder: Path) -> Path:
-    """A preset("54m") moe-mla-rope checkpoint with its random initialisation (seed 0)."""
-    if (folder / "manifest.json").is_file():
-        return folder
-    import torch
-
-    from perseus_edge.checkpoint import save_checkpoint
-    from perseus_edge.model.config import preset
-    from perseus_edge.model.transformer import PerseusLM
-
-    torch.manual_seed(0)
-    model = PerseusLM(preset("54m"))
-    save_checkpoint(folder, model, REPO / "perseus_edge" / "assets" / "tokenizer.json")
-    return folder
 
 
 def folder_bytes(folder: Path) -> tuple[int, int]:
@@ -165,7 +152,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches-17m", type=int, default=16, help="test batches of 8 x 256 tokens (17m)")
-    ap.add_argument("--batches-54m", type=int, default=4, help="test batches of 8 x 256 tokens (54m)")
+    ap.add_argument("--batches-54m", type=int, default=16, help="test batches of 8 x 256 tokens (54m)")
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-ort-cpu", action="store_true", help="skip the ort-cpu export rows")
@@ -181,27 +168,21 @@ def main() -> None:
         (args.out / "README.md").write_text(readme(data["records"], data["environment"]))
         return
 
+    for _, _, ckpt, _ in MODELS:
+        if not (REPO / ckpt / "manifest.json").is_file():
+            raise SystemExit(f"checkpoint folder not found: {REPO / ckpt} (no manifest.json)")
     started = time.perf_counter()
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
     records = []
-    print("default (trained 17M)", flush=True)
-    default = work / "default"
-    perseus("export", "perseus_edge/assets/default", "-o", str(default / "fp32"), "--force")
-    records += run_model("default-17m", default / "fp32", default, args.batches_17m, args, SCHEMES, "portable")
-    if not args.no_ort_cpu:
-        ortcpu = work / "default-ort-cpu"
-        perseus("export", "perseus_edge/assets/default", "-o", str(ortcpu / "fp32"), "--target", "ort-cpu", "--force")
-        records += run_model("default-17m", ortcpu / "fp32", ortcpu, args.batches_17m, args,
-                             [s for s in SCHEMES if s[0] in ORT_CPU_SCHEMES], "ort-cpu")
-    print("54m (random init)", flush=True)
-    m54 = work / "54m"
-    ckpt = random_54m(m54 / "ckpt")
-    perseus("export", str(ckpt), "-o", str(m54 / "fp32"), "--force")
-    records += run_model("54m-random", m54 / "fp32", m54, args.batches_54m, args, SCHEMES, "portable")
-    for r in records:
-        r["randomly_initialised"] = r["model"] == "54m-random"
-        r["ppl_meaningful"] = not r["randomly_initialised"]
+    batches = {"default-17m": args.batches_17m, "54m-trained": args.batches_54m}
+    for name, _, ckpt, sub in MODELS:
+        print(name, flush=True)
+        targets = [("portable", SCHEMES)]
+        if not args.no_ort_cpu:
+            targets.append(("ort-cpu", [s for s in SCHEMES if s[0] in ORT_CPU_SCHEMES]))
+        for target, schemes in targets:
+            work = args.work / (sub if target == "portable" else f"{sub}-{target}")
+            perseus("export", ckpt, "-o", str(work / "fp32"), "--target", target, "--force")
+            records += run_model(name, work / "fp32", work, batches[name], args, schemes, target)
     elapsed = time.perf_counter() - started
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -237,8 +218,10 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, model in zip(axes, ["default-17m", "54m-random"]):
+    for ax, (model, short, ckpt, _) in zip(axes, MODELS):
         rows = [r for r in records if r["model"] == model]
+        xs, ys = [r["size_bytes"] / 2**20 for r in rows], [r["ppl_delta_pct"] for r in rows] + [0, max(GOALS.values())]
+        dx, dy = 0.05 * (max(xs) - min(xs)), 0.05 * (max(ys) - min(ys))  # "nearly": 5% of the axis
         groups: dict = {}  # points that (nearly) coincide share one label, one line per scheme
         for target, marker in (("portable", "o"), ("ort-cpu", "s")):
             sel = [r for r in rows if r["export_target"] == target]
@@ -248,20 +231,19 @@ def plot(records: list[dict], path: Path) -> None:
                        label=f"{target} export", alpha=0.8)
             for r in sel:
                 x, y = r["size_bytes"] / 2**20, r["ppl_delta_pct"]
-                key = next((k for k in groups if abs(k[0] - x) < 3 and abs(k[1] - y) < 0.06), (x, y))
+                key = next((k for k in groups if abs(k[0] - x) < dx and abs(k[1] - y) < dy), (x, y))
                 groups.setdefault(key, []).append(r["scheme"] + (" (ort-cpu)" if target == "ort-cpu" else ""))
         for (x, y), labels in groups.items():
             ax.annotate("\n".join(labels), (x, y), fontsize=7, xytext=(6, 0), textcoords="offset points",
                         va="center")
         ax.axhline(0, color="grey", lw=0.5)
-        if model == "default-17m":
-            for g, v in GOALS.items():
-                ax.axhline(v, color="red", lw=0.6, ls="--")
-                ax.text(1.0, v, f"{g} goal +{v:g}% ", color="red", fontsize=7, ha="right", va="bottom",
-                        transform=ax.get_yaxis_transform())
-            ax.set_title("embedded 17M model (trained)", fontsize=10)
-        else:
-            ax.set_title("54m preset, RANDOM init (Δppl is not a quality measure)", fontsize=10)
+        for g, v in GOALS.items():
+            ax.axhline(v, color="red", lw=0.6, ls="--")
+            ax.text(1.0, v, f"{g} goal +{v:g}% ", color="red", fontsize=7, ha="right", va="bottom",
+                    transform=ax.get_yaxis_transform())
+        base = next(r for r in rows if r["scheme"] == "fp32")
+        ax.set_title(f"{short} model, trained ({ckpt})\nfp32 perplexity {base['ppl']:.2f} on {base['tokens']:,} "
+                     "test tokens", fontsize=9)
         ax.set_xlabel("model folder size (MiB)")
         ax.set_ylabel("perplexity change vs fp32 (%)")
         ax.legend(fontsize=8)
@@ -273,15 +255,14 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
 
-def table(rows: list[dict], meaningful: bool) -> str:
+def table(rows: list[dict]) -> str:
     head = ("| scheme | export | ppl (test) | Δppl | size MiB | × fp32 | cache MiB @ctx | decode tok/s (runs) "
             "| × fp32 | prompt tok/s | peak RSS MiB | anon RSS MiB |\n"
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in rows:
-        delta = _pct(r["ppl_delta_pct"]) if meaningful else f"({_pct(r['ppl_delta_pct'])})"
-        lines.append(f"| {r['scheme']} | {r['export_target']} | {r['ppl']:.3f} | {delta} | {_mib(r['size_bytes'])} "
-                     f"| {r['size_ratio']:.2f} | {_mib(r['cache_bytes'])} | {r['decode_tok_s']:.0f} "
+        lines.append(f"| {r['scheme']} | {r['export_target']} | {r['ppl']:.3f} | {_pct(r['ppl_delta_pct'])} "
+                     f"| {_mib(r['size_bytes'])} | {r['size_ratio']:.2f} | {_mib(r['cache_bytes'])} | {r['decode_tok_s']:.0f} "
                      f"({', '.join(f'{x:.0f}' for x in r['decode_tok_s_runs'])}) | {r['speedup']:.2f} "
                      f"| {r['prompt_tok_s']:.0f} | {_mib(r['peak_rss_bytes'])} | {_mib(r['anon_rss_bytes'])} |")
     return head + "\n".join(lines) + "\n"
@@ -291,36 +272,53 @@ def _pct(x: float) -> str:
     return f"{round(x, 2) + 0.0:+.2f}%"  # no "-0.00%"
 
 
-def readme(records: list[dict], env: dict) -> str:
-    d = [r for r in records if r["model"] == "default-17m"]
-    dp = {r["scheme"]: r for r in d if r["export_target"] == "portable"}
-    m54 = [r for r in records if r["model"] == "54m-random"]
-    mp = {r["scheme"]: r for r in m54}
-    goal_lines = []
+def model_section(name: str, short: str, ckpt: str, records: list[dict]) -> str:
+    """One model's table, its goal verdicts (portable export) and the int8 cache line."""
+    rows = [r for r in records if r["model"] == name]
+    p = {r["scheme"]: r for r in rows if r["export_target"] == "portable"}
+    o = {r["scheme"]: r for r in rows if r["export_target"] == "ort-cpu"}
+    lines = []
     for scheme, goal in GOALS.items():
-        delta = dp[scheme]["ppl_delta_pct"]
+        delta = p[scheme]["ppl_delta_pct"]
         verdict = "met" if delta <= goal else f"MISSED by {delta - goal:.2f} points ({CLOSE[scheme]})"
-        goal_lines.append(f"- **{scheme}**: {_pct(delta)} perplexity (goal ≤ +{goal:g}%): {verdict}.")
-    cache_fp32 = dp["fp32+kv8"]["ppl_delta_pct"]
-    cache_int4 = 100 * (dp["int4+kv8"]["ppl"] / dp["int4"]["ppl"] - 1)
-    cache_ratio = dp["fp32"]["cache_bytes"] / dp["fp32+kv8"]["cache_bytes"]
+        other = f" (ort-cpu export: {_pct(o[scheme]['ppl_delta_pct'])})" if scheme in o else ""
+        lines.append(f"- **{scheme}**: {_pct(delta)} perplexity (goal ≤ +{goal:g}%): {verdict}.{other}")
+    cache_int4 = 100 * (p["int4+kv8"]["ppl"] / p["int4"]["ppl"] - 1)
+    lines.append(f"- **int8 cache** (`--kv-cache int8`): cache {p['fp32']['cache_bytes'] / p['fp32+kv8']['cache_bytes']:.2f}× "
+                 f"smaller ({_mib(p['fp32']['cache_bytes'])} → {_mib(p['fp32+kv8']['cache_bytes'])} MiB at the full "
+                 f"1024-token context), perplexity {_pct(p['fp32+kv8']['ppl_delta_pct'])} alone, {_pct(cache_int4)} "
+                 "on top of int4.")
+    return (f"## {short} model (trained, `{ckpt}`)\n\nfp32 perplexity {p['fp32']['ppl']:.2f} on {p['fp32']['tokens']:,} test tokens.\n\n"
+            f"{table(rows)}\nGoals (portable export, the default `perseus export`):\n\n" + "\n".join(lines) + "\n")
+
+
+def readme(records: list[dict], env: dict) -> str:
+    by = {name: {r["scheme"]: r for r in records if r["model"] == name and r["export_target"] == "portable"}
+          for name, *_ in MODELS}
+    dp, mp = by["default-17m"], by["54m-trained"]
     tokens17, tokens54 = dp["fp32"]["tokens"], mp["fp32"]["tokens"]
     q = dp["int4"]["quantization"] or {}
-    qm = next((r["quantization"].get("qmoe") for r in d if r["export_target"] == "ort-cpu" and r["scheme"] == "int4"),
-              None) or {}
-    qmoe_note = (f"4-bit blocks of {qm.get('block_size')} with the expert width zero-padded from "
-                 f"{qm.get('expert_width')} to {qm.get('padded_width')}, which the kernel's blocking needs"
-                 if qm else "no ort-cpu rows in this run")
+    qmoe = {short: r["quantization"].get("qmoe") or {} for name, short, *_ in MODELS for r in records
+            if r["model"] == name and r["export_target"] == "ort-cpu" and r["scheme"] == "int4"}
+    qmoe_note = ("; ".join(f"{short}: 4-bit blocks of {qm.get('block_size')}, expert width zero-padded from "
+                           f"{qm.get('expert_width')} to {qm.get('padded_width')}" for short, qm in qmoe.items())
+                 + ", which the kernel's blocking needs") if qmoe else "no ort-cpu rows in this run"
+    sections = "\n".join(model_section(name, short, ckpt, records) for name, short, ckpt, _ in MODELS)
     return f"""# Quantization report
 
 Produced by `python bench/quantization_report.py` ({env['minutes']} min, {env['date']}); raw numbers in
 `quality.json`, plot `size_vs_ppl.png`. Machine: {env['cpu']}, {env['cores']} cores shared with other
 jobs (load average at the end {', '.join(f'{x:.1f}' for x in env['load_average_at_end'] or [])}),
 onnxruntime {env['onnxruntime']} CPU EP, {env['threads']} threads. Design and routes: `quantize/README.md`.
+Both models are trained checkpoints, so every Δppl below is a quality number; both are also small
+budget runs (17M: 3.6M tokens, ~0.2 token per parameter; 54M: 5.7M tokens, ~0.1; models/README.md,
+bench/results/training/README.md), and quantization may cost more on longer-trained weights.
 
 * **Perplexity**: `perseus eval DIR --split test --json --max-batches N` (held-out books; windows of 256
-  tokens, batches of 8): **{tokens17:,} tokens** for the 17M model ({env['batches_17m']} batches), {tokens54:,}
-  for the 54m model ({env['batches_54m']} batches). The same tokens for every scheme, so the deltas are paired.
+  tokens, batches of 8): **{tokens17:,} tokens** for the 17M model ({env['batches_17m']} batches), **{tokens54:,}**
+  for the 54M model ({env['batches_54m']} batches), the first N batches of the test split, not all of it
+  (the whole split is 354,304 tokens; models/README.md gives the 54M's perplexity over all of it). The
+  same tokens for every scheme, so the deltas are paired.
 * **Decode tok/s**: greedy, {env['decode_tokens']} tokens after a one-sentence prompt, fresh process per folder,
   median of {env['rounds']} round-robin rounds (all runs listed). The machine is shared and its load
   changed during the run: compare schemes within one table block (measured round-robin), not across
@@ -329,23 +327,17 @@ onnxruntime {env['onnxruntime']} CPU EP, {env['threads']} threads. Design and ro
   it); anon RSS = anonymous resident memory at the end (weights mapped from model.onnx.data are not in it).
 * **Size**: the whole model folder (graph, weights, tokenizer 0.5 MiB, configs).
 
-## Embedded 17M model (trained)
-
-{table(d, True)}
-Goals (portable export, the default `perseus export`):
-
-{chr(10).join(goal_lines)}
-- **int8 cache** (`--kv-cache int8`, c_kv and k_rope as int8 rows + one float32 scale per token):
-  cache {cache_ratio:.2f}× smaller ({_mib(dp['fp32']['cache_bytes'])} → {_mib(dp['fp32+kv8']['cache_bytes'])} MiB at the full
-  1024-token context), perplexity {_pct(cache_fp32)} alone, {_pct(cache_int4)} on top of int4.
+{sections}
+## Speed, memory, schemes
 
 Speed and memory (portable, medians above): decode ×{dp['int8']['speedup']:.2f} for int8 and
-×{dp['int4']['speedup']:.2f} for int4 on the 17M model (×{mp['int8']['speedup']:.2f} / ×{mp['int4']['speedup']:.2f} on the 54m
+×{dp['int4']['speedup']:.2f} for int4 on the 17M model (×{mp['int8']['speedup']:.2f} / ×{mp['int4']['speedup']:.2f} on the 54M
 one, whose portable MoE body multiplies by every expert: a decode step reads nearly all of its
 {_mib(mp['fp32']['weights_bytes'])} MiB of fp32 weights); peak RSS
-{_mib(dp['fp32']['peak_rss_bytes'])} → {_mib(dp['int8']['peak_rss_bytes'])} / {_mib(dp['int4']['peak_rss_bytes'])} MiB (54m: {_mib(mp['fp32']['peak_rss_bytes'])} → {_mib(mp['int8']['peak_rss_bytes'])} / {_mib(mp['int4']['peak_rss_bytes'])} MiB).
-The int8 cache shows no cost beyond noise at this short context; at ~900 tokens of context it costs
-~0.5 ms/token (every step dequantizes the valid rows; quantize/README.md, "int8 cache").
+{_mib(dp['fp32']['peak_rss_bytes'])} → {_mib(dp['int8']['peak_rss_bytes'])} / {_mib(dp['int4']['peak_rss_bytes'])} MiB (54M: {_mib(mp['fp32']['peak_rss_bytes'])} → {_mib(mp['int8']['peak_rss_bytes'])} / {_mib(mp['int4']['peak_rss_bytes'])} MiB).
+The int8 cache (c_kv and k_rope as int8 rows + one float32 scale per token) shows no cost beyond noise
+at this short context; at ~900 tokens of context it costs ~0.5 ms/token (every step dequantizes the
+valid rows; quantize/README.md, "int8 cache").
 
 int4 = `{q.get('weights', {}).get('op')}` blocks of {q.get('block_size')} ({q.get('method')}, 4-bit zero points,
 accuracy_level {q.get('accuracy_level')}) for every projection, the experts inside `perseus.MoE`, the LM head,
@@ -360,16 +352,10 @@ after inlining the functions some fp32 constants remain (`Mul` bound to float16 
 `ort-cpu` rows: the exporter's lowering of the MoE to `com.microsoft.MoE`; quantized, the experts go to
 `com.microsoft.QMoE` (8-bit per column for int8; for int4 {qmoe_note}).
 
-## 54m preset — RANDOMLY INITIALISED
-
-Not trained (the GPU budget ran out), so its perplexity (~vocab size) and the deltas in parentheses
-say nothing about quality; size, cache, RSS and speed are real.
-
-{table(m54, False)}
 ## Commands
 
 ```bash
-perseus export perseus_edge/assets/default -o $W/default/fp32 --force
+perseus export perseus_edge/assets/default -o $W/default/fp32 --target portable --force
 perseus quantize $W/default/fp32 -o $W/default/fp16 --scheme fp16
 perseus quantize $W/default/fp32 -o $W/default/int8 --scheme int8
 perseus quantize $W/default/fp32 -o $W/default/int4 --scheme int4
@@ -377,14 +363,13 @@ perseus quantize $W/default/fp32 -o $W/default/int4-kv8 --scheme int4 --kv-cache
 perseus quantize $W/default/fp32 -o $W/default/fp32-kv8 --scheme fp32 --kv-cache int8
 perseus eval $W/default/int4 --split test --json --max-batches {env['batches_17m']} --threads {env['threads']} --data-dir $DATA
 python bench/quantization_report.py --decode $W/default/int4 --threads {env['threads']} --decode-tokens {env['decode_tokens']}
-# ort-cpu rows: perseus export ... --target ort-cpu, then the same quantize commands
-# 54m: a preset("54m") PerseusLM with torch.manual_seed(0), saved with save_checkpoint, then as above
+# ort-cpu rows: perseus export ... --target ort-cpu, then the fp32 / int8 / int4 commands
+# 54M: the same with models/perseus-54m-moe-mla-rope and --max-batches {env['batches_54m']}
 ```
 
 `--target` is `auto` (here: avx512_vnni); `$DATA` is a folder holding `test.txt.xz`
-(`/work/shared/data/gutenberg` here: the repo's `data/gutenberg` has no test split).
+(here `/work/shared/data/gutenberg`, which `perseus eval` also finds without `--data-dir`).
 """
-
 
 if __name__ == "__main__":
     main()
