@@ -92,7 +92,7 @@ def build_optimizers(model: PerseusLM, cfg: TrainConfig) -> list[torch.optim.Opt
         # match_rms_adamw scales each update to AdamW's RMS, so one lr range serves both optimizers.
         # GroupedMuon = torch.optim.Muon with Newton-Schulz batched over same-shaped experts.
         muon = GroupedMuon(muon_params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95,
-                                nesterov=True, ns_coefficients=NS_COEFFICIENTS, adjust_lr_fn="match_rms_adamw")
+                           nesterov=True, ns_coefficients=NS_COEFFICIENTS, adjust_lr_fn="match_rms_adamw")
         adam = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.adam_lr, **adam_kw)
         return [muon, adam]
