@@ -54,10 +54,11 @@ def load_runs() -> list[dict]:
     for call in WAVES:
         for row in read_jsonl(RAW / call / "runs.jsonl"):
             commands[row["name"]] = (call, row["command"], row["rc"], row["concurrent"])
-    for call, concurrent in (("balance", 3), ("ddp", 1)):
-        for line in (RAW / call / "commands.txt").read_text().splitlines():
+    for call, together in (("balance", True), ("ddp", False)):  # balance ran its runs at once, ddp one by one
+        lines = (RAW / call / "commands.txt").read_text().splitlines()
+        for line in lines:
             cmd = line.split(": ", 1)[-1]
-            commands[Path(re.search(r" -o (\S+)", cmd).group(1)).name] = (call, cmd, 0, concurrent)
+            commands[Path(re.search(r" -o (\S+)", cmd).group(1)).name] = (call, cmd, 0, len(lines) if together else 1)
     runs = []
     for name, (call, cmd, rc, concurrent) in commands.items():
         log = read_jsonl(RAW / call / name / "log.jsonl")
@@ -158,7 +159,7 @@ def throughput(probes: list[dict], runs: list[dict]) -> dict:
         return next((r for r in probes if r["call"] == call and r["preset"] == p and r["arch"] == arch
                      and r["optimizer"] == opt and r["muon_impl"] == impl and r["compile"] == comp), None)
 
-    muon_speedup = {p: round(find("call7", p, impl="torch")["step_ms"] / find("call7" if p == "54m" else "call7", p)["step_ms"], 2)
+    muon_speedup = {p: round(find("call7", p, impl="torch")["step_ms"] / find("call7", p)["step_ms"], 2)
                     for p in ("17m", "54m")}
     compile_gain = {f"{p} {a}": round(find(c, p, a)["step_ms"] / find(c, p, a, comp=True)["step_ms"], 2)
                     for c, p, a in (("call8", "54m", "moe-mla-rope"), ("call8", "202m", "moe-mla-rope"), ("call7", "54m", "mha"))}
