@@ -2,18 +2,18 @@
 
 On the GPU machine (repo checkout, torch with CUDA):
 
-    python bench/gpu_reference.py --checkpoint perseus_edge/assets/default \\
+    python perseus_edge/bench/gpu_reference.py --checkpoint perseus_edge/assets/default \\
         --device cuda --compile --out gpu_reference.json
     # -> gpu_reference.json (tok/s for pp / tg, eager and compiled) and gpu_reference.npz (logits)
 
 Back on the CPU machine, parity of the GPU logits against the torch-free ONNX runtime:
 
-    python bench/gpu_reference.py --compare gpu_reference.npz --onnx MODEL_DIR [--onnx MODEL_DIR2 ...]
+    python perseus_edge/bench/gpu_reference.py --compare gpu_reference.npz --onnx MODEL_DIR [--onnx MODEL_DIR2 ...]
 
 Here (no GPU), the CPU side of the same check, PyTorch eager on the CPU vs the ONNX runtime:
 
-    python bench/gpu_reference.py --checkpoint perseus_edge/assets/default --device cpu \\
-        --onnx MODEL_DIR --out bench/results/cpu/parity.json
+    python perseus_edge/bench/gpu_reference.py --checkpoint perseus_edge/assets/default --device cpu \\
+        --onnx MODEL_DIR --out studies/results/cpu/parity.json
 
 Timing: `torch_speed` runs every test once untimed (for torch.compile: compilation and its
 recompiles for new shapes) before `--reps` timed repetitions; CUDA is synchronised around each

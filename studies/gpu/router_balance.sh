@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Router balancing speed at 54m: the call-6 recipe (Muon lr 3e-3, 350 steps of 32 x 512 tokens)
 # with the aux-loss-free bias moving 3e-3 / 1e-2 / 3e-2 per step instead of DeepSeek-V3's 1e-3.
-# Three runs share the GPU:   bash bench/gpu/router_balance.sh /tmp/balance
+# Three runs share the GPU:   bash studies/gpu/router_balance.sh /tmp/balance
 set -u
 S=${1:-/tmp/balance}
 mkdir -p "$S"

@@ -6,7 +6,7 @@ real training step (`perseus_edge.train.train_step`, router-bias update included
 device synchronisations. Batches are real text windows of the valid split, so routing is as in
 training. Prints one JSON line and appends it to --out.
 
-    python3 bench/gpu/throughput.py --preset 54m --arch moe-mla-rope --optimizer muon [--compile] --out probe.jsonl
+    python3 studies/gpu/throughput.py --preset 54m --arch moe-mla-rope --optimizer muon [--compile] --out probe.jsonl
 """
 
 from __future__ import annotations

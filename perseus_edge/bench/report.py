@@ -1,6 +1,6 @@
 """The benchmark's outputs: bench.json, README.md (llama-bench table, verdicts), plots.
 
-    write_report(result, "bench/results/cpu")      # result: what `harness.run_bench` returns
+    write_report(result, "studies/results/cpu")      # result: what `harness.run_bench` returns
 
 Everything in README.md is computed from `result`, so a rerun rewrites it consistently.
 """
@@ -536,11 +536,11 @@ def readme(result: dict) -> str:
         "",
         "```bash",
         ". .venv/bin/activate",
-        f"{meta.get('command') or 'perseus bench --out bench/results/cpu'}   # this file (~6-10 min on 2 shared cores, +3 min the first time)",
+        f"{meta.get('command') or 'perseus bench --out studies/results/cpu'}   # this file (~6-10 min on 2 shared cores, +3 min the first time)",
         "perseus bench --quick                            # smaller matrix -> /tmp/perseus-bench-quick, 1-7 min",
         "perseus profile /tmp/perseus-bench/54m-[0-9a-f]*/ort-cpu{,-int8,-int4} --out /tmp/prof   # footprint + op profile",
-        "python -m perseus_edge.bench.report bench/results/cpu/bench.json   # README + plots from the JSON again",
-        "python bench/gpu_reference.py --device cpu --onnx MODEL_DIR --out /tmp/parity.json --no-speed",
+        "python -m perseus_edge.bench.report studies/results/cpu/bench.json   # README + plots from the JSON again",
+        "python perseus_edge/bench/gpu_reference.py --device cpu --onnx MODEL_DIR --out /tmp/parity.json --no-speed",
         "python -m pytest tests/test_bench.py",
         "```",
         "",
@@ -634,10 +634,10 @@ def readme(result: dict) -> str:
         lines += ["(op and scope tables of every profile: `op_profile` in bench.json)", ""]
     lines += ["## Parity: PyTorch (CPU) vs the ONNX runtime", "",
               "Same prompts (validation text) for both; the runtime is teacher-forced on PyTorch's greedy tokens. "
-              "The CPU side of `bench/gpu_reference.py`.", "",
+              "The CPU side of `perseus_edge/bench/gpu_reference.py`.", "",
               parity_table(result), "",
               "## Pending", "",
-              "- **GPU reference** (`bench/gpu_reference.py`: PyTorch eager and torch.compile on CUDA, tok/s and "
+              "- **GPU reference** (`perseus_edge/bench/gpu_reference.py`: PyTorch eager and torch.compile on CUDA, tok/s and "
               "logits for parity against this runtime): written, not run — no GPU time was left for this session. "
               "No GPU numbers are reported here."]
     if not meta.get("quantizer"):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # arm64 (aarch64) smoke test of the torch-free runtime, on an x86 host, under qemu-user.
 #
-#   bench/arm64_smoke.sh            # writes bench/results/arm64/smoke.txt; exit 1 on a mismatch
+#   studies/arm64_smoke.sh            # writes studies/results/arm64/smoke.txt; exit 1 on a mismatch
 #
 # 1. host tools      debootstrap + qemu-user-static (apt-get, Debian)
 # 2. arm64 root      debootstrap --arch=arm64 --foreign (minbase + python3). The second stage
@@ -21,7 +21,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${ARM64_WORK:-/var/tmp/perseus-arm64}
 ROOT=$WORK/root
-OUT_DIR=$REPO/bench/results/arm64
+OUT_DIR=$REPO/studies/results/arm64
 OUT=$OUT_DIR/smoke.txt
 SUITE=${SUITE:-bookworm}  # python3.11, as the cp311 wheels
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
@@ -168,7 +168,7 @@ diff = float(np.abs(lx - la).max())
 same = x86["tokens"] == arm["tokens"] and x86["prompt_tokens"] == arm["prompt_tokens"]
 first_diff = next((i for i, (a, b) in enumerate(zip(x86["tokens"], arm["tokens"])) if a != b), None)
 lines = [
-    "perseus-edge arm64 smoke test (bench/arm64_smoke.sh): greedy generation, x86 host vs arm64 under qemu-user",
+    "perseus-edge arm64 smoke test (studies/arm64_smoke.sh): greedy generation, x86 host vs arm64 under qemu-user",
     f"model: tiny random moe-mla-rope checkpoint (vocab 8192), fp32 portable export; {len(x86['tokens'])} new tokens, threads 1",
     f"emulator: {qemu}; arm64 root: Debian bookworm (debootstrap --foreign, python3 from .debs)",
     "",

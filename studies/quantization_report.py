@@ -1,7 +1,7 @@
 """Quantization report: perplexity, size, peak RSS and decode speed of every scheme.
 
-    python bench/quantization_report.py                 # ~15 min on 2 cores; writes bench/results/quantization/
-    python bench/quantization_report.py --decode DIR    # one decode measurement (JSON), used by the report
+    python studies/quantization_report.py                 # ~15 min on 2 cores; writes studies/results/quantization/
+    python studies/quantization_report.py --decode DIR    # one decode measurement (JSON), used by the report
 
 Models: the embedded trained 17M model (perseus_edge/assets/default) and the trained 54M one
 (models/perseus-54m-moe-mla-rope). Schemes: fp32 (the export), fp16, int8, int4, int4 + int8
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "bench" / "results" / "quantization"
+OUT = REPO / "studies" / "results" / "quantization"
 # (record name, short name, trained checkpoint folder relative to REPO, work sub-folder)
 MODELS = [("default-17m", "17M", "perseus_edge/assets/default", "default"),
           ("54m-trained", "54M", "models/perseus-54m-moe-mla-rope", "54m")]
@@ -306,13 +306,13 @@ def readme(records: list[dict], env: dict) -> str:
     sections = "\n".join(model_section(name, short, ckpt, records) for name, short, ckpt, _ in MODELS)
     return f"""# Quantization report
 
-Produced by `python bench/quantization_report.py` ({env['minutes']} min, {env['date']}); raw numbers in
+Produced by `python studies/quantization_report.py` ({env['minutes']} min, {env['date']}); raw numbers in
 `quality.json`, plot `size_vs_ppl.png`. Machine: {env['cpu']}, {env['cores']} cores shared with other
 jobs (load average at the end {', '.join(f'{x:.1f}' for x in env['load_average_at_end'] or [])}),
 onnxruntime {env['onnxruntime']} CPU EP, {env['threads']} threads. Design and routes: `quantize/README.md`.
 Both models are trained checkpoints, so every Δppl below is a quality number; both are also small
 budget runs (17M: 3.6M tokens, ~0.2 token per parameter; 54M: 5.7M tokens, ~0.1; models/README.md,
-bench/results/training/README.md), and quantization may cost more on longer-trained weights.
+studies/results/training/README.md), and quantization may cost more on longer-trained weights.
 
 * **Perplexity**: `perseus eval DIR --split test --json --max-batches N` (held-out books; windows of 256
   tokens, batches of 8): **{tokens17:,} tokens** for the 17M model ({env['batches_17m']} batches), **{tokens54:,}**
@@ -362,7 +362,7 @@ perseus quantize $W/default/fp32 -o $W/default/int4 --scheme int4
 perseus quantize $W/default/fp32 -o $W/default/int4-kv8 --scheme int4 --kv-cache int8
 perseus quantize $W/default/fp32 -o $W/default/fp32-kv8 --scheme fp32 --kv-cache int8
 perseus eval $W/default/int4 --split test --json --max-batches {env['batches_17m']} --threads {env['threads']} --data-dir $DATA
-python bench/quantization_report.py --decode $W/default/int4 --threads {env['threads']} --decode-tokens {env['decode_tokens']}
+python studies/quantization_report.py --decode $W/default/int4 --threads {env['threads']} --decode-tokens {env['decode_tokens']}
 # ort-cpu rows: perseus export ... --target ort-cpu, then the fp32 / int8 / int4 commands
 # 54M: the same with models/perseus-54m-moe-mla-rope and --max-batches {env['batches_54m']}
 ```

@@ -11,5 +11,5 @@
     gpu_reference  PyTorch eager / torch.compile on CUDA + logits parity (CPU side runs anywhere)
     commands     the CLI
 
-Results: bench/results/cpu/. Design and method: bench/README.md.
+Results: studies/results/cpu/. Design and method: bench/README.md.
 """

@@ -134,7 +134,7 @@ def session_options(threads: int | None = None, low_memory: bool = False):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle worker threads sleep instead of spin-waiting: on a 2-core device spinning competes with
-    # the thread that has work (bench/results/cpu/README.md, "Threading": up to 1.6x slower decode).
+    # the thread that has work (studies/results/cpu/README.md, "Threading": up to 1.6x slower decode).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if low_memory:
         so.enable_cpu_mem_arena = False

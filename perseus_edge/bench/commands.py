@@ -29,7 +29,7 @@ def _ints(text: Optional[str], what: str) -> Optional[list[int]]:
 
 def bench(
     out: Optional[Path] = typer.Option(None, "--out", "-o",
-                                       help="Folder for bench.json, README.md, plots (default bench/results/cpu; "
+                                       help="Folder for bench.json, README.md, plots (default studies/results/cpu; "
                                             "with --quick /tmp/perseus-bench-quick, so a quick run never "
                                             "replaces the committed results)."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir",
@@ -55,7 +55,7 @@ def bench(
     if out is None:
         import tempfile
 
-        out = Path(tempfile.gettempdir()) / "perseus-bench-quick" if quick else Path("bench/results/cpu")
+        out = Path(tempfile.gettempdir()) / "perseus-bench-quick" if quick else Path("studies/results/cpu")
     kw: dict = {"out_dir": str(out), "command": "perseus bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])}
     if work_dir:
         kw["work_dir"] = str(work_dir)

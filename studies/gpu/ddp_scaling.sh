@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # 54m MoE-MLA-RoPE on 1 vs 2 GPUs of one host (torchrun, NCCL): strong scaling (same global
 # batch 32 x 512) and weak scaling (32 x 512 per GPU). Run on the nvidia-h200-x2 device kind:
-#   bash bench/gpu/ddp_scaling.sh /tmp/ddp
+#   bash studies/gpu/ddp_scaling.sh /tmp/ddp
 set -u
 S=${1:-/tmp/ddp}
 mkdir -p "$S"

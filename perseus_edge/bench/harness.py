@@ -1,7 +1,7 @@
 """`perseus bench`: prepare the models, time every backend/variant, write JSON, tables and plots.
 
     from perseus_edge.bench.harness import BenchConfig, run_bench
-    run_bench(BenchConfig(out_dir="bench/results/cpu"))               # the full benchmark
+    run_bench(BenchConfig(out_dir="studies/results/cpu"))               # the full benchmark
     run_bench(BenchConfig.quick_config(out_dir="/tmp/b"))              # --quick
 
 Stages:
@@ -36,7 +36,7 @@ from typing import Callable
 
 from perseus_edge.errors import PerseusError
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "perseus_edge" / "assets" / "default"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "default"
 ARCHS = ("mha", "mla-dense", "moe-mla-rope", "mha-moe")
 TARGETS = ("portable", "ort-cpu")
 SCHEMES = ("int8", "int4")
@@ -49,7 +49,7 @@ def backend_name(target: str) -> str:
 
 @dataclass
 class BenchConfig:
-    out_dir: str = "bench/results/cpu"
+    out_dir: str = "studies/results/cpu"
     work_dir: str = str(Path(tempfile.gettempdir()) / "perseus-bench")
     # main subjects: name -> checkpoint folder ("random:<preset>" = random weights of that preset)
     models: dict = field(default_factory=lambda: {"17m": str(DEFAULT_CHECKPOINT), "54m": "random:54m"})

@@ -1,14 +1,14 @@
 """GPU training suite (issue 4): correctness check, throughput probes, calibrated training waves.
 
-Runs on the lent GPU machine through the `device` tool (bench/gpu/README.md has the exact calls).
+Runs on the lent GPU machine through the `device` tool (studies/gpu/README.md has the exact calls).
 Every training run is a plain `perseus train ...` command, recorded in runs.jsonl with its exit
 status, so each row of the report can be reproduced by hand.
 
-    python3 bench/gpu/train_suite.py prepare                      # tokenize train + valid once
-    python3 bench/gpu/train_suite.py check                        # GPU-only paths equal their references
-    python3 bench/gpu/train_suite.py probe --out DIR [--compile]  # solo tokens/s, MFU, memory per config
-    python3 bench/gpu/train_suite.py wave --preset 17m --muon-lrs 1e-3,1e-2 --adamw-lrs 1e-3 --budget-s 300 --out DIR
-    python3 bench/gpu/train_suite.py package --preset 17m --out DIR --pieces-out $OUT [--first i --count n]
+    python3 studies/gpu/train_suite.py prepare                      # tokenize train + valid once
+    python3 studies/gpu/train_suite.py check                        # GPU-only paths equal their references
+    python3 studies/gpu/train_suite.py probe --out DIR [--compile]  # solo tokens/s, MFU, memory per config
+    python3 studies/gpu/train_suite.py wave --preset 17m --muon-lrs 1e-3,1e-2 --adamw-lrs 1e-3 --budget-s 300 --out DIR
+    python3 studies/gpu/train_suite.py package --preset 17m --out DIR --pieces-out $OUT [--first i --count n]
 
 A wave trains several runs at once on the one GPU (a small model leaves most of an H100 idle).
 It first *calibrates*: all its runs together for 20 steps, which measures each run's tokens/s under
@@ -132,7 +132,7 @@ def probe(root: Path, compile_: bool, configs: list[str]) -> None:
     for spec in configs:
         preset, arch_name, optimizer, *impl = spec.split(":")
         for comp in ((False, True) if compile_ else (False,)):
-            cmd = [sys.executable, "bench/gpu/throughput.py", "--preset", preset, "--arch", arch_name,
+            cmd = [sys.executable, "studies/gpu/throughput.py", "--preset", preset, "--arch", arch_name,
                    "--optimizer", optimizer, "--batch", str(BATCH), "--seq-len", str(SEQ), "--out", str(out)]
             cmd += ["--muon-impl", impl[0]] if impl else []
             cmd += ["--compile"] if comp else []
