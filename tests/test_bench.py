@@ -85,7 +85,7 @@ def test_profile_cli(bench_result, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from perseus_edge.bench.commands import register
+    from perseus_edge.cli.bench import register
 
     app = typer.Typer()  # only the bench commands, the global CLI app untouched
     register(app)

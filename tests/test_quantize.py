@@ -209,7 +209,7 @@ def test_top1_agreement_on_the_trained_model(tmp_path_factory, valid_text):
     continuations within ~0.05 logits of each other, so any perturbation (even int8's) changes
     greedy text within a few tokens while the distributions stay close. Measured on 4 x 256
     tokens: int8 95% / KL 0.0024, int4 88% / 0.014, int8 cache alone 99% / 0.00013."""
-    from perseus_edge.runtime.demo import default_checkpoint
+    from perseus_edge.cli.demo import default_checkpoint
     from perseus_edge.tokenizer import load_tokenizer
 
     ckpt = default_checkpoint()

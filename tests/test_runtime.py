@@ -488,7 +488,7 @@ def test_cli_interactive_and_truncate(toy):
 def test_cli_ctrl_c_stops_cleanly_with_timings(toy, capsys, monkeypatch):
     import typer
 
-    from perseus_edge.runtime import commands
+    from perseus_edge.cli import run as commands
     from perseus_edge.runtime.model import Model
 
     calls = {"n": 0}
@@ -533,7 +533,7 @@ def test_runtime_runs_without_torch(toy, exported_or_toy):
             pass
         from perseus_edge.runtime.generate import Generator
         from perseus_edge.runtime.evaluate import evaluate
-        import perseus_edge.runtime.commands, perseus_edge.cli
+        import perseus_edge.cli.run, perseus_edge.cli
         gen = Generator({str(exported_or_toy)!r}, threads=1)
         res = gen.generate("Once upon a time", 8, temperature=0.8, top_p=0.9, seed=0)
         assert res.tokens, res
@@ -621,7 +621,7 @@ def test_exported_evaluate_matches_pytorch(exported, make_checkpoint, valid_text
 
 def test_demo_exports_once_then_uses_cache(make_checkpoint, tmp_path, monkeypatch, capsys):
     import perseus_edge.export
-    from perseus_edge.runtime import commands
+    from perseus_edge.cli import run as commands
 
     monkeypatch.setattr(perseus_edge.export, "export_checkpoint", _exporter(), raising=False)
 
@@ -640,7 +640,7 @@ def test_demo_exports_once_then_uses_cache(make_checkpoint, tmp_path, monkeypatc
 
 
 def test_demo_without_default_model_says_so(monkeypatch, tmp_path):
-    from perseus_edge.runtime import demo
+    from perseus_edge.cli import demo
 
     monkeypatch.setattr(demo, "default_checkpoint", lambda: tmp_path / "none")
     with pytest.raises(PerseusError, match="--checkpoint"):
@@ -648,7 +648,7 @@ def test_demo_without_default_model_says_so(monkeypatch, tmp_path):
 
 
 def test_interactive_ctrl_c_at_the_prompt_exits_cleanly(toy, capsys, monkeypatch):
-    from perseus_edge.runtime import commands
+    from perseus_edge.cli import run as commands
 
     lines = iter(["Once upon a time"])
 

@@ -176,7 +176,7 @@ def demo(
 ) -> None:
     """Tell a story with the shipped model: exported and quantized once (cached), then streamed."""
     _quiet_numpy_threads()
-    from perseus_edge.runtime.demo import prepare
+    from perseus_edge.cli.demo import prepare
     from perseus_edge.runtime.generate import Generator
     from perseus_edge.runtime.sampling import Sampler
 

@@ -18,17 +18,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _register() -> None:
-    """Attach each stage's commands (modules named `commands`, torch imported inside functions)."""
-    from perseus_edge import commands as core
+    """Attach each stage's commands (one module per stage, torch imported inside functions)."""
+    from perseus_edge.cli import bench, core, export, quantize, run
 
-    core.register(app)
-    for stage in ("export", "quantize", "runtime", "bench"):
-        try:
-            module = __import__(f"perseus_edge.{stage}.commands", fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name not in (f"perseus_edge.{stage}", f"perseus_edge.{stage}.commands"):
-                raise
-            continue
+    for module in (core, export, quantize, run, bench):
         module.register(app)
 
 
