@@ -35,30 +35,46 @@ _WORD_SPLIT = re.compile(r"(?<=\S)(?=[ \t\n\r])")  # same guarantee, only for hu
 # finding the data
 
 
+BUNDLED_DATA = REPO / "data" / "sample"  # committed: the valid and test splits, a train sample
+DATA_HINT = "set --data-dir or PERSEUS_DATA_DIR to a folder holding train/valid/test.txt.xz"
+
+
 def _default_data_dirs() -> list[Path]:
-    """Fallback locations: a git-ignored copy inside the repo (GPU machine), then the shared one."""
-    return [REPO / "data" / "gutenberg", REPO.parent / "shared" / "data" / "gutenberg"]
+    """Fallback locations: a git-ignored full copy inside the repo (GPU machine), the shared one
+    beside the checkout, then the sample committed with the repository."""
+    return [REPO / "data" / "gutenberg", REPO.parent / "shared" / "data" / "gutenberg", BUNDLED_DATA]
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     """Explicit argument, else $PERSEUS_DATA_DIR, else the first default folder that exists."""
-    hint = "(set --data-dir or PERSEUS_DATA_DIR)"
     explicit = data_dir if data_dir is not None else os.environ.get("PERSEUS_DATA_DIR") or None
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_dir():
-            raise PerseusError(f"data folder not found: {path} {hint}")
+            raise PerseusError(f"data folder not found: {path} ({DATA_HINT})")
         return path
     candidates = _default_data_dirs()
     for path in candidates:
         if path.is_dir():
             return path
-    raise PerseusError(f"data folder not found: tried {', '.join(map(str, candidates))} {hint}")
+    raise PerseusError(f"data folder not found: tried {', '.join(map(str, candidates))} ({DATA_HINT})")
+
+
+def is_bundled_sample(data_dir: str | Path) -> bool:
+    """Whether `data_dir` is the committed sample, whose train split is only ~400k characters."""
+    try:
+        return Path(data_dir).resolve() == BUNDLED_DATA.resolve()
+    except OSError:
+        return False
 
 
 def token_cache_dir() -> Path:
-    """Where tokenized splits are cached: $PERSEUS_CACHE, else ~/.cache/perseus-edge/tokens."""
-    return Path(os.environ.get("PERSEUS_CACHE") or Path.home() / ".cache" / "perseus-edge" / "tokens")
+    """Where tokenized splits are cached: $PERSEUS_CACHE, else $XDG_CACHE_HOME/perseus-edge/tokens
+    (~/.cache when unset)."""
+    if os.environ.get("PERSEUS_CACHE"):
+        return Path(os.environ["PERSEUS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "perseus-edge" / "tokens"
 
 
 def split_file(data_dir: str | Path, split: str) -> Path:

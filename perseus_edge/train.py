@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,7 +26,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from perseus_edge.checkpoint import load_checkpoint, save_checkpoint
-from perseus_edge.data import TokenWindows, eval_batches, resolve_data_dir, token_cache_dir, tokenize_split
+from perseus_edge.data import (
+    TokenWindows,
+    eval_batches,
+    is_bundled_sample,
+    resolve_data_dir,
+    token_cache_dir,
+    tokenize_split,
+)
 from perseus_edge.errors import PerseusError
 from perseus_edge.model.config import ModelConfig, preset
 from perseus_edge.model.transformer import PerseusLM, RMSNorm, Router
@@ -221,6 +229,9 @@ def train(cfg: TrainConfig) -> dict:
         raise PerseusError(f"seq_len {cfg.seq_len} exceeds the model context {model_cfg.max_position_embeddings}")
 
     data_dir = resolve_data_dir(cfg.data_dir)
+    if master and is_bundled_sample(data_dir):
+        print(f"note: training on the corpus sample in {data_dir} (~400k characters of train); "
+              f"for the full corpus set --data-dir or PERSEUS_DATA_DIR", file=sys.stderr)
     cache_dir = token_cache_dir()
     # rank 0 tokenizes; the others wait and then map the same file
     if master:

@@ -1,17 +1,43 @@
 """Shared fixtures: a small tokenizer trained on a slice of the valid split, and tiny checkpoints.
 
-Everything is built in temp folders from data in ../shared/data, so tests never touch the network
-or the committed models, and each test session starts from scratch.
+Tests are hermetic: the corpus is the sample committed in data/sample (never ../shared), and
+HOME, XDG_CACHE_HOME and PERSEUS_CACHE point into one temp folder per session, so no test reads
+or writes the user's caches and each session starts from scratch. Subprocesses inherit this.
 """
 
 from __future__ import annotations
 
 import lzma
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from perseus_edge.data import resolve_data_dir
+from perseus_edge.data import BUNDLED_DATA
+
+DATA_DIR = BUNDLED_DATA
+_SESSION_HOME = tempfile.mkdtemp(prefix="perseus-tests-")
+
+
+def pytest_configure(config):
+    os.environ["HOME"] = _SESSION_HOME
+    os.environ["XDG_CACHE_HOME"] = os.path.join(_SESSION_HOME, ".cache")
+    os.environ["PERSEUS_CACHE"] = os.path.join(_SESSION_HOME, "tokens")
+    os.environ["PERSEUS_DATA_DIR"] = str(DATA_DIR)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The committed corpus sample: full valid and test splits, the first ~400k chars of train."""
+    return DATA_DIR
+
 
 TINY_VOCAB = 512
 
@@ -19,7 +45,7 @@ TINY_VOCAB = 512
 @pytest.fixture(scope="session")
 def valid_text() -> str:
     """The first 300k characters of the valid split (never train on test)."""
-    with lzma.open(resolve_data_dir(None) / "valid.txt.xz", "rt", encoding="utf-8") as f:
+    with lzma.open(DATA_DIR / "valid.txt.xz", "rt", encoding="utf-8") as f:
         return f.read(300_000)
 
 

@@ -31,7 +31,6 @@ from perseus_edge.tokenizer import (
     train_tokenizer,
 )
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "gutenberg"
 N_CHARS = 300_000
 
 MY_TEXT = (
@@ -43,10 +42,10 @@ MY_TEXT = (
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
+def corpus(tmp_path_factory, data_dir) -> Path:
     """A data folder: the first 300k chars of the valid split as valid.txt.xz, plus MY_TEXT."""
     folder = tmp_path_factory.mktemp("gutenberg")
-    valid = lzma.open(SHARED / "valid.txt.xz", "rt", encoding="utf-8", newline="").read(N_CHARS)
+    valid = lzma.open(data_dir / "valid.txt.xz", "rt", encoding="utf-8", newline="").read(N_CHARS)
     with lzma.open(folder / "valid.txt.xz", "wt", encoding="utf-8", newline="") as f:
         f.write(valid)
     (folder / "train.txt").write_text(MY_TEXT, encoding="utf-8", newline="")
@@ -153,7 +152,7 @@ def test_resolve_data_dir(tmp_path, monkeypatch):
     assert resolve_data_dir(None) == other
     assert resolve_data_dir(tmp_path) == tmp_path  # the explicit argument wins
     monkeypatch.setenv("PERSEUS_DATA_DIR", str(tmp_path / "gone"))
-    with pytest.raises(PerseusError, match=r"data folder not found: .*gone \(set --data-dir or PERSEUS_DATA_DIR\)"):
+    with pytest.raises(PerseusError, match=r"data folder not found: .*gone \(set --data-dir or PERSEUS_DATA_DIR to a folder"):
         resolve_data_dir(None)
     with pytest.raises(PerseusError, match="data folder not found"):
         resolve_data_dir(tmp_path / "missing")
