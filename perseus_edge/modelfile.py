@@ -13,10 +13,12 @@ Folder layout (kind "onnx" in manifest.json):
 
 Graph contract (one graph serves prefill and decode):
     inputs   input_ids   int64 [batch, seq]        tokens to process
-             position    int64 [1]                 absolute position of input_ids[:, 0] (= tokens already cached)
+             position    int64 [batch]             absolute position of input_ids[b, 0] per row (= tokens
+                                                   that row has cached); rows may differ
              past.{i}.{slot}  float [batch, max_context, ...] preallocated cache buffers, per layer i
     outputs  logits      float [batch, seq, vocab]
-             present.{i}.{slot}  same shape as past; the same buffer with rows position..position+seq written
+             present.{i}.{slot}  same shape as past; the same buffer with each row b's rows
+                                 position[b]..position[b]+seq-1 written
 
 Cache slots: MLA layers cache the latent `c_kv` [B, C, kv_lora_rank] and `k_rope` [B, C, qk_rope_head_dim];
 MHA layers cache `key` and `value` [B, C, num_heads * head_dim]. Bind present.* to the same

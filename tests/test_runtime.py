@@ -50,18 +50,19 @@ def build_toy(out: Path, tokenizer_json: Path, vocab: int, context: int = TOY_CO
               "head": rng.normal(size=(widths[0], vocab)).astype(np.float32),
               "crange": np.arange(context, dtype=np.int64), "zero": np.array([0], np.int64),
               "one": np.array([1], np.int64), "two": np.array([2], np.int64),
-              "one_s": np.array(1, np.int64), "rw": np.array([widths[1]], np.int64)}
+              "one_s": np.array(1, np.int64), "zero_s": np.array(0, np.int64),
+              "minus1": np.array([-1], np.int64), "rw": np.array([widths[1]], np.int64)}
     inputs = [h.make_tensor_value_info("input_ids", T.INT64, ["batch", "seq"]),
-              h.make_tensor_value_info("position", T.INT64, [1])]
+              h.make_tensor_value_info("position", T.INT64, ["batch"])]
     outputs = [h.make_tensor_value_info("logits", T.FLOAT, ["batch", "seq", vocab])]
     n = h.make_node
+    # per-row positions: query t of row b sees cache rows 0..position[b]+t
     nodes = [n("Gather", ["emb", "input_ids"], ["x"]), n("Shape", ["input_ids"], ["ishape"]),
-             n("Slice", ["ishape", "zero", "one"], ["bdim"]), n("Expand", ["position", "bdim"], ["widx"]),
              n("Slice", ["ishape", "one", "two"], ["tdim"]), n("Squeeze", ["tdim"], ["t"]),
-             n("Squeeze", ["position"], ["p"]), n("Add", ["p", "t"], ["pend"]),
-             n("Range", ["p", "pend", "one_s"], ["qpos"]), n("Unsqueeze", ["qpos", "one"], ["qpos2"]),
-             n("LessOrEqual", ["crange", "qpos2"], ["maskb"]), n("Cast", ["maskb"], ["mask"], to=T.FLOAT),
-             n("ReduceSum", ["mask", "one"], ["cnt"], keepdims=1)]
+             n("Range", ["zero_s", "t", "one_s"], ["offsets"]), n("Unsqueeze", ["position", "one"], ["pcol"]),
+             n("Add", ["pcol", "offsets"], ["qpos"]), n("Unsqueeze", ["qpos", "minus1"], ["qpos3"]),
+             n("LessOrEqual", ["crange", "qpos3"], ["maskb"]), n("Cast", ["maskb"], ["mask"], to=T.FLOAT),
+             n("ReduceSum", ["mask", "minus1"], ["cnt"], keepdims=1), n("Identity", ["position"], ["widx"])]
     acc = "x"
     for i in range(layers):
         for slot, w in zip(("c_kv", "k_rope"), widths):
@@ -311,7 +312,8 @@ def test_cache_buffers_bound_in_place(toy):
     c_kv = cache.arrays[0][0]
     assert np.abs(c_kv[:n_fed]).sum() > 0 and np.all(c_kv[n_fed:] == 0)
     # decode steps reuse one logits buffer too
-    assert gen.model._logits1_v.data_ptr() == gen.model._logits1.ctypes.data
+    rows = gen.model._all
+    assert rows.step_bound and rows._logits_v.data_ptr() == rows.logits.ctypes.data
 
 
 def test_context_overflow_and_truncate_left(toy, tok):

@@ -76,36 +76,17 @@ def _scope(name: str, scopes: dict[str, str]) -> str:
 
 def op_profile(model_dir: str | Path, threads: int = 1, context: int = 16, steps: int = 32,
                trace_dir: str | Path | None = None, keep_trace: bool = False) -> dict:
-    import onnxruntime as ort
-
-    from perseus_edge.runtime.cache import KVCache
-    from perseus_edge.runtime.session import GraphSpec, open_folder, session_options
+    from perseus_edge.runtime.model import Model
 
     model_dir = Path(model_dir)
     tmp = Path(tempfile.mkdtemp(prefix="perseus-ortprof-", dir=trace_dir))
-    folder = open_folder(model_dir, verify=False)
-    so = session_options(threads)
-    so.enable_profiling = True
-    so.profile_file_prefix = str(tmp / "ort")
-    sess = ort.InferenceSession(str(folder.graph), so, providers=["CPUExecutionProvider"])
-    spec = GraphSpec.from_session(sess, folder)
-    context = max(1, min(context, spec.max_context - steps - 1))
-    cache = KVCache(spec.caches, spec.max_context, 1)
-    binding = sess.io_binding()
-    cache.bind(binding)
-    ids = (np.arange(context, dtype=np.int64) * 7919 % spec.vocab_size)[None]
-
-    def run(x: np.ndarray, pos: int) -> np.ndarray:
-        binding.bind_cpu_input("input_ids", x)
-        binding.bind_cpu_input("position", np.array([pos], np.int64))
-        binding.bind_output("logits")
-        sess.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
-
-    logits = run(ids, 0)
+    model = Model(model_dir, threads=threads, verify=False, profile=tmp / "ort")
+    context = max(1, min(context, model.max_context - steps - 1))
+    ids = (np.arange(context, dtype=np.int64) * 7919 % model.spec.vocab_size)[None]
+    logits = model.forward(ids, 0)
     for i in range(steps):
-        logits = run(np.array([[int(logits[0, -1].argmax())]], np.int64), context + i)
-    trace = Path(sess.end_profiling())
+        logits = model.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), context + i)
+    trace = Path(model.end_profiling())
     events = json.loads(trace.read_text())
     try:
         summary = summarise(events, _node_scopes(model_dir))

@@ -62,19 +62,9 @@ class OnnxBackend:
     def __init__(self, path: str, threads: int, spin: int | None = None):
         from perseus_edge.runtime.model import Model
 
-        if spin is not None:  # threading-policy experiment: override the runtime's spinning choice
-            from perseus_edge.runtime import session
-
-            runtime_options = session.session_options
-
-            def with_spin(threads=None, low_memory=False):
-                so = runtime_options(threads, low_memory)
-                so.add_session_config_entry("session.intra_op.allow_spinning", str(int(spin)))
-                return so
-
-            session.session_options = with_spin  # this process only
-
-        self.model = Model(path, threads=threads, verify=False)
+        # spin: threading-policy experiment, overriding the runtime's spinning choice
+        config = None if spin is None else {"session.intra_op.allow_spinning": str(int(spin))}
+        self.model = Model(path, threads=threads, verify=False, session_config=config)
         self.max_context = self.model.max_context
         self.cache_bytes = self.model.cache.nbytes
 

@@ -2,7 +2,7 @@
 
 One graph serves prefill and decode (the contract in `perseus_edge.modelfile`):
 
-    input_ids [B,T], position [1], past.{i}.* [B,C,w]  ->  logits [B,T,V], present.{i}.* [B,C,w]
+    input_ids [B,T], position [B], past.{i}.* [B,C,w]  ->  logits [B,T,V], present.{i}.* [B,C,w]
 
 Per layer: RMSNorm -> projections -> perseus.LatentAttention | perseus.Attention -> o_proj ->
 residual -> RMSNorm -> perseus.MoE (+ shared-expert MLP) | SwiGLU MLP -> residual. The weight
@@ -36,7 +36,7 @@ def build(cfg: ModelConfig, weights: dict[str, np.ndarray], max_context: int) ->
     slots = mf.cache_slots(cfg.is_mla)
     widths = mf.cache_widths(cfg)
     inputs = [value_info(mf.INPUT_IDS, np.int64, ["batch", "seq"]),
-              value_info(mf.POSITION, np.int64, [1])]
+              value_info(mf.POSITION, np.int64, ["batch"])]
     outputs = [value_info(mf.LOGITS, np.float32, ["batch", "seq", cfg.vocab_size])]
     for i in range(cfg.num_hidden_layers):
         for slot, width in zip(slots, widths):

@@ -5,8 +5,10 @@ A function keeps the op visible by name (`perseus.LatentAttention`, `perseus.MoE
 tells any ONNX runtime how to execute it: stock onnxruntime inlines the body, no plug-in needed.
 The `lower` stage may replace an op with faster runtime-specific kernels.
 
-Shapes: B batch, T new tokens, C max_context (cache rows), S = position + T valid cache rows,
-H heads. Sizes are read from the inputs' shapes; attributes hold what shapes cannot tell.
+Shapes: B batch, T new tokens, C max_context (cache rows),
+H heads; position [B] is each row's absolute position of its first new token, S = max(position)
++ T the cache rows attention reads. Sizes are read from the inputs' shapes; attributes hold what
+shapes cannot tell.
 """
 
 from __future__ import annotations
@@ -34,37 +36,43 @@ def dim(b: Builder, x: str, axis: int) -> str:
 class Step:
     """Where the T new tokens of `new` [B, T, ...] go; computed once per op call.
 
-    positions [T] and position_ids [B, T] (for RotaryEmbedding) are absolute positions
-    position..position+T-1; write_at [B] is TensorScatter's row index; valid [1] is S, the number
-    of cache rows attention reads; batch [1] and tokens [1] are B and T.
+    `position` [B] holds each row's absolute position of its first new token: rows of a batch
+    may be at different points of their sequences (a server decoding several requests).
+    position_ids [B, T] are the absolute positions of every new token (for RotaryEmbedding);
+    write_at [B] is TensorScatter's per-row write index; valid [1] is S = max(position) + T, the
+    number of cache rows attention reads (rows beyond a row's own position + T are masked);
+    tokens [1] is T.
     """
 
     def __init__(self, b: Builder, new: str):
-        self.batch, self.tokens = dim(b, new, 0), dim(b, new, 1)
-        self.positions = b.Add("position", b.Range(b.const(0), b.Squeeze(self.tokens), b.const(1)),
-                               _name="positions")
-        self.position_ids = b.Expand(b.Unsqueeze(self.positions, b.const([0])),
-                                     b.Concat(self.batch, b.const([1]), axis=0), _name="position_ids")
-        self.write_at = b.Expand("position", self.batch, _name="write_at")
-        self.valid = b.Add("position", self.tokens, _name="valid_len")
+        self.tokens = dim(b, new, 1)
+        offsets = b.Range(b.const(0), b.Squeeze(self.tokens), b.const(1))  # [T]
+        self.position_ids = b.Add(b.Unsqueeze("position", b.const([1])), offsets, _name="position_ids")
+        self.write_at = "position"
+        self.valid = b.Add(b.ReduceMax("position", keepdims=1), self.tokens, _name="valid_len")
 
 
 def write_cache(b: Builder, step: Step, past: str, new: str, present: str) -> str:
-    """Write `new` [B, T, w] into rows position.. of the cache; return the valid rows [B, S, w].
+    """Write `new` [B, T, w] into rows position[b].. of each row's cache; return rows [B, S, w].
 
     TensorScatter is what lets the runtime update the cache in place: bind `present` to the
     same buffer as `past` and nothing is copied. Attention then reads only the first
-    position + T rows (one O(context) slice), so a decode step does not scale with max_context.
+    max(position) + T rows (one O(context) slice), so a decode step does not scale with max_context.
     """
     b.TensorScatter(past, new, step.write_at, axis=1, _outputs=[present])
     return b.Slice(present, b.const([0]), step.valid, b.const([1]), _name="valid")
 
 
+def causal_mask(b: Builder, step: Step) -> str:
+    """[B, 1, T, S] bool: key s is visible to query t of row b iff s <= position[b] + t."""
+    keys = b.Range(b.const(0), b.Squeeze(step.valid), b.const(1))  # [S]
+    visible = b.LessOrEqual(keys, b.Unsqueeze(step.position_ids, b.const([-1])))  # [B,T,S]
+    return b.Unsqueeze(visible, b.const([1]), _name="causal_mask")
+
+
 def causal_softmax(b: Builder, step: Step, scores: str) -> str:
-    """Softmax over keys [.., T, S] where key s is visible to the query at position p iff s <= p."""
-    keys = b.Range(b.const(0), b.Squeeze(step.valid), b.const(1))
-    visible = b.LessOrEqual(keys, b.Unsqueeze(step.positions, b.const([1])), _name="causal_mask")
-    masked = b.Where(visible, scores, b.const(-np.inf, np.float32))
+    """Softmax over keys of scores [B, H, T, S], masked by `causal_mask`."""
+    masked = b.Where(causal_mask(b, step), scores, b.const(-np.inf, np.float32))
     return b.Softmax(masked, axis=-1, _name="probs")
 
 
@@ -74,7 +82,7 @@ def latent_attention() -> onnx.FunctionProto:
 
     inputs   q [B,T,H*(nope+rope)]  the query projection, per head [nope | rope]
              kv [B,T,r+rope]         kv_a_proj output: latent c_kv (before its norm) | k_rope
-             position [1], cos_cache / sin_cache [C, rope/2]
+             position [B], cos_cache / sin_cache [C, rope/2]
              past_c_kv [B,C,r], past_k_rope [B,C,rope]
              kv_norm [r], w_uk [H,nope,r], w_uv [H,r,v]   (the per-head blocks of kv_b_proj)
     outputs  out [B,T,H*v] (before o_proj), present_c_kv, present_k_rope
@@ -127,13 +135,13 @@ def latent_attention() -> onnx.FunctionProto:
 def attention() -> onnx.FunctionProto:
     """perseus.Attention: causal multi-head attention with RoPE over a preallocated K/V cache.
 
-    inputs   q, k, v [B,T,H*D], position [1], cos_cache / sin_cache [C, D/2],
+    inputs   q, k, v [B,T,H*D], position [B], cos_cache / sin_cache [C, D/2],
              past_key, past_value [B,C,H*D]
     outputs  out [B,T,H*D] (before o_proj), present_key, present_value
     attrs    num_heads, scale (D^-0.5)
 
-    The core is ONNX's own Attention (opset 23) on the valid rows; `nonpad_kv_seqlen` = S with
-    is_causal aligns the causal mask bottom-right, i.e. query t sits at position + t.
+    The core is ONNX's own Attention (opset 23) on the valid rows, with the per-row causal mask
+    as its boolean attn_mask (rows of a batch may sit at different positions).
     """
     b = Builder()
     heads = Ref("num_heads", INT)
@@ -142,8 +150,7 @@ def attention() -> onnx.FunctionProto:
     k = b.RotaryEmbedding("k", "cos_cache", "sin_cache", step.position_ids, num_heads=heads)
     k_all = write_cache(b, step, "past_key", k, "present_key")
     v_all = write_cache(b, step, "past_value", "v", "present_value")
-    valid = b.Expand(step.valid, step.batch, _name="nonpad_kv_seqlen")
-    out = b.Attention(q, k_all, v_all, "", "", "", valid, is_causal=1, scale=Ref("scale"),
+    out = b.Attention(q, k_all, v_all, causal_mask(b, step), scale=Ref("scale"),
                       q_num_heads=heads, kv_num_heads=heads)
     # a no-op reshape to q's shape: onnx 1.23's shape inference gives Attention's 3-D output a
     # last dim of 0 when V's width is unknown, as it is inside a function

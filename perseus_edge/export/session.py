@@ -16,7 +16,7 @@ from perseus_edge import modelfile as mf
 
 
 class CachedSession:
-    """`session(ids [B,T], position) -> logits [B,T,V]`, cache rows updated in place."""
+    """`session(ids [B,T], position | positions [B]) -> logits [B,T,V]`, cache rows updated in place."""
 
     def __init__(self, model: str | os.PathLike | bytes, batch: int = 1, threads: int | None = None,
                  inplace: bool = True):
@@ -51,9 +51,12 @@ class CachedSession:
     def max_context(self) -> int:
         return next(iter(self.caches.values())).shape[1]
 
-    def __call__(self, ids: np.ndarray, position: int) -> np.ndarray:
-        self.binding.bind_cpu_input(mf.INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
-        self.binding.bind_cpu_input(mf.POSITION, np.array([position], np.int64))
+    def __call__(self, ids: np.ndarray, position) -> np.ndarray:
+        """position: an int for every row, or one position per row [B]."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.binding.bind_cpu_input(mf.INPUT_IDS, ids)
+        self.binding.bind_cpu_input(mf.POSITION, np.ascontiguousarray(
+            np.broadcast_to(np.asarray(position, np.int64), ids.shape[:1])))
         self.binding.bind_output(mf.LOGITS)  # logits change shape between prefill and decode
         self.session.run_with_iobinding(self.binding)
         return self.binding.get_outputs()[0].numpy()

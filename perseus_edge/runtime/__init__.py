@@ -7,7 +7,7 @@
 Modules, one job each (llama2.c's run.c, in Python over ONNX Runtime):
     session    check the folder (manifest, config, tokenizer, vocab), create the ORT session
     cache      preallocated KV/latent cache buffers, bound in place (past.* == present.*)
-    model      Model.forward(ids, position) -> logits: the only call that does math
+    model      Model.forward(ids, positions, slot) -> logits: the only call that does math
     sampling   Sampler: greedy / temperature / top-k / top-p / repetition penalty, seeded
     stream     incremental UTF-8-correct detokenisation, stop-string filter
     generate   Generator: prefill + decode loop, context policy, Result with timings

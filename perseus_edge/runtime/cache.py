@@ -32,15 +32,39 @@ class KVCache:
         self.arrays = [np.zeros((batch, context, s.width), dtype=s.dtype) for s in self.specs]
         self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
 
-    def bind(self, binding) -> None:
-        """past.* and present.* of every slot -> the same OrtValue (in-place update)."""
-        for spec, value in zip(self.specs, self.values):
+    def bind(self, binding, slot: int = 0, rows: int | None = None) -> list:
+        """past.* and present.* of every slot -> the same OrtValue (in-place update).
+
+        slot, rows: bind only the batch rows slot..slot+rows-1 (contiguous in memory, so the
+        OrtValues wrap views of the same buffers: a run on them writes the full cache in place).
+        Returns the OrtValues bound; the caller keeps them alive as long as the binding.
+        """
+        import onnxruntime as ort
+
+        rows = self.batch - slot if rows is None else rows
+        if slot < 0 or rows < 1 or slot + rows > self.batch:
+            raise ValueError(f"cache rows {slot}..{slot + rows - 1} outside the batch of {self.batch}")
+        values = (self.values if (slot, rows) == (0, self.batch)
+                  else [ort.OrtValue.ortvalue_from_numpy(a[slot:slot + rows]) for a in self.arrays])
+        for spec, value in zip(self.specs, values):
             binding.bind_ortvalue_input(spec.past, value)
             binding.bind_ortvalue_output(spec.present, value)
+        return values
 
     def reset(self) -> None:
         for a in self.arrays:
             a.fill(0)
+
+    def reset_slot(self, slot: int) -> None:
+        """Zero one sequence's rows (not needed for correctness: rows past a position are masked)."""
+        for a in self.arrays:
+            a[slot].fill(0)
+
+    def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
+        """Copy the first `length` cached positions (default: all) of slot `src` into slot `dst`:
+        move a sequence between slots, or fork a shared prefix."""
+        for a in self.arrays:
+            a[dst, :length] = a[src, :length]
 
     def data_ptrs(self) -> list[int]:
         """Addresses of the buffers ORT reads and writes (constant for the cache's lifetime)."""

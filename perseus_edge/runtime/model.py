@@ -3,6 +3,15 @@
 Like llama2.c's `forward(transformer, token, pos)`: it takes token ids and the absolute position
 of the first one, runs the graph (which appends their cache rows in place) and returns logits.
 Everything it binds is preallocated; a decode step allocates nothing.
+
+Several sequences (a server): `Model(folder, batch=N)` holds N cache slots, one per sequence.
+`forward(ids [n, T], positions [n], slot=s)` runs the sequences in slots s..s+n-1 together, each
+at its own position (the graph's per-row `position` input): row b writes its cache rows
+positions[b].. and attends to its own rows 0..positions[b]+t only. Slots are contiguous rows of
+one buffer, so any contiguous run of slots is bound in place without copying; keep the sequences
+to decode together in adjacent slots (`copy_slot` moves a sequence, e.g. to close a gap when one
+finishes). A finished slot is reused by prefilling the next sequence from position 0; stale rows
+beyond a position are masked, so `reset_slot` is optional.
 """
 
 from __future__ import annotations
@@ -18,32 +27,59 @@ from perseus_edge.runtime.session import (GraphSpec, ModelFolder, create_session
                                           open_folder)
 
 
+class _Rows:
+    """An IO binding over cache slots slot..slot+n-1, with its preallocated one-token buffers."""
+
+    def __init__(self, model: "Model", slot: int, n: int):
+        import onnxruntime as ort
+
+        self.binding = model.session.io_binding()
+        self.values = model.cache.bind(self.binding, slot, n)  # kept alive with the binding
+        self.ids = np.zeros((n, 1), dtype=np.int64)
+        self.pos = np.zeros((n,), dtype=np.int64)
+        self.logits = np.zeros((n, 1, model.spec.vocab_size), dtype=model.spec.logits_dtype)
+        self._ids_v, self._pos_v, self._logits_v = (ort.OrtValue.ortvalue_from_numpy(a)
+                                                    for a in (self.ids, self.pos, self.logits))
+        self.binding.bind_ortvalue_input(mf.POSITION, self._pos_v)
+        self.step_bound = False
+
+    def bind_step(self) -> None:
+        if not self.step_bound:
+            self.binding.bind_ortvalue_input(mf.INPUT_IDS, self._ids_v)
+            self.binding.bind_ortvalue_output(mf.LOGITS, self._logits_v)
+            self.step_bound = True
+
+    def bind_prefill(self, ids: np.ndarray, logits: np.ndarray) -> None:
+        import onnxruntime as ort
+
+        self.binding.bind_ortvalue_input(mf.INPUT_IDS, ort.OrtValue.ortvalue_from_numpy(ids))
+        self.binding.bind_ortvalue_output(mf.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
+        self.step_bound = False
+
+
 class Model:
-    """A loaded model folder, ready to run: `forward(ids, position) -> logits`."""
+    """A loaded model folder, ready to run: `forward(ids, positions) -> logits`.
+
+    threads, low_memory, session_config (extra ORT session config entries) and profile (a file
+    prefix turning on ORT's profiler; `end_profiling()` writes the trace) shape the session:
+    tools create their sessions through these, not around them.
+    """
 
     def __init__(self, folder: ModelFolder | str | os.PathLike, threads: int | None = None,
-                 low_memory: bool = False, batch: int = 1, format: str = "auto", verify: bool = True):
+                 low_memory: bool = False, batch: int = 1, format: str = "auto", verify: bool = True,
+                 session_config: dict | None = None, profile: str | os.PathLike | None = None):
         self.folder = (folder if isinstance(folder, ModelFolder)
                        else open_folder(folder, format=format, verify=verify))
         self.threads = threads or default_threads()
         self.low_memory = low_memory
-        self.session = create_session(self.folder, threads, low_memory)
+        if batch < 1:
+            raise PerseusError(f"batch must be at least 1, got {batch}")
+        self.session = create_session(self.folder, threads, low_memory, session_config, profile)
         self.spec = GraphSpec.from_session(self.session, self.folder)
         self.batch = batch
         self.cache = KVCache(self.spec.caches, self.spec.max_context, batch)
-        self.binding = self.session.io_binding()
-        self.cache.bind(self.binding)
-        # decode step buffers: written in place each step, bound once
-        import onnxruntime as ort
-
-        self._ids1 = np.zeros((batch, 1), dtype=np.int64)
-        self._pos = np.zeros((1,), dtype=np.int64)
-        self._logits1 = np.zeros((batch, 1, self.spec.vocab_size), dtype=self.spec.logits_dtype)
-        self._ids1_v = ort.OrtValue.ortvalue_from_numpy(self._ids1)
-        self._pos_v = ort.OrtValue.ortvalue_from_numpy(self._pos)
-        self._logits1_v = ort.OrtValue.ortvalue_from_numpy(self._logits1)
-        self.binding.bind_ortvalue_input(mf.POSITION, self._pos_v)
-        self._step_bound = False
+        self._rows: dict[tuple[int, int], _Rows] = {}
+        self._all = self._bound(0, batch)
 
     @property
     def config(self):
@@ -57,40 +93,71 @@ class Model:
     def max_context(self) -> int:
         return self.spec.max_context
 
-    def forward(self, ids: np.ndarray, position: int) -> np.ndarray:
-        """Logits [batch, seq, vocab] for `ids` [batch, seq] at absolute positions position.. .
+    @property
+    def binding(self):
+        """The IO binding of all slots (past.* and present.* bound to the cache buffers)."""
+        return self._all.binding
 
-        The cache rows position..position+seq-1 are written in place; rows before `position` must
-        hold this sequence's earlier tokens. The returned array for a one-token step is a view of
-        a buffer that the next step overwrites: copy it to keep it.
+    def _bound(self, slot: int, n: int) -> _Rows:
+        rows = self._rows.get((slot, n))
+        if rows is None:
+            if slot < 0 or slot + n > self.batch:
+                raise ValueError(f"slots {slot}..{slot + n - 1} outside the model's batch of {self.batch}")
+            rows = self._rows[(slot, n)] = _Rows(self, slot, n)
+        return rows
+
+    def forward(self, ids: np.ndarray, positions, slot: int = 0) -> np.ndarray:
+        """Logits [n, seq, vocab] for `ids` [n, seq] in cache slots slot..slot+n-1.
+
+        positions: an int (every row at that position) or one absolute position per row [n]:
+        row b's cache rows positions[b]..positions[b]+seq-1 are written in place, and its rows
+        before positions[b] must hold that sequence's earlier tokens. The returned array for a
+        one-token step is a view of a buffer that the next step on the same slots overwrites:
+        copy it to keep it.
         """
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[0] != self.batch or ids.shape[1] < 1:
-            raise ValueError(f"ids must be [{self.batch}, seq>=1], got {ids.shape}")
-        seq = ids.shape[1]
-        if position < 0 or position + seq > self.max_context:
-            raise PerseusError(f"{position + seq} tokens exceed the model's context of {self.max_context}")
-        self._pos[0] = position
-        if seq == 1:
-            self._ids1[:] = ids
-            if not self._step_bound:
-                self.binding.bind_ortvalue_input(mf.INPUT_IDS, self._ids1_v)
-                self.binding.bind_ortvalue_output(mf.LOGITS, self._logits1_v)
-                self._step_bound = True
-            logits = self._logits1
+        if ids.ndim != 2 or ids.shape[1] < 1 or not 1 <= ids.shape[0] <= self.batch:
+            raise ValueError(f"ids must be [1..{self.batch}, seq>=1], got {ids.shape}")
+        n, seq = ids.shape
+        rows = self._all if (slot, n) == (0, self.batch) else self._bound(slot, n)
+        if isinstance(positions, (int, np.integer)):
+            first = last = int(positions)
+            rows.pos.fill(first)
         else:
-            import onnxruntime as ort
-
-            logits = np.empty((self.batch, seq, self.spec.vocab_size), dtype=self.spec.logits_dtype)
-            self.binding.bind_ortvalue_input(mf.INPUT_IDS, ort.OrtValue.ortvalue_from_numpy(ids))
-            self.binding.bind_ortvalue_output(mf.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
-            self._step_bound = False
+            p = np.asarray(positions)
+            if p.shape != (n,) or p.dtype.kind not in "iu":
+                raise ValueError(f"positions must be an int or {n} ints, got {p.dtype} {p.shape}")
+            first, last = int(p.min()), int(p.max())
+            rows.pos[:] = p
+        if first < 0:
+            raise PerseusError(f"negative position {first}")
+        if last + seq > self.max_context:
+            raise PerseusError(f"{last + seq} tokens exceed the model's context of {self.max_context}")
+        if seq == 1:
+            rows.ids[:] = ids
+            rows.bind_step()
+            logits = rows.logits
+        else:
+            logits = np.empty((n, seq, self.spec.vocab_size), dtype=self.spec.logits_dtype)
+            rows.bind_prefill(ids, logits)
         try:
-            self.session.run_with_iobinding(self.binding)
+            self.session.run_with_iobinding(rows.binding)
         except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PerseusError(f"onnxruntime failed running {self.folder.graph}: {first}") from None
         return logits
+
+    def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
+        """Copy a sequence's first `length` cached positions (default: all) from slot src to dst."""
+        self.cache.copy_slot(src, dst, length)
+
+    def reset_slot(self, slot: int) -> None:
+        """Zero one slot's cache rows."""
+        self.cache.reset_slot(slot)
+
+    def end_profiling(self) -> str:
+        """Stop ORT's profiler (Model(profile=...)) and return the trace file's path."""
+        return self.session.end_profiling()
 
     def __repr__(self) -> str:
         return (f"Model({self.folder.path}, {self.folder.format}, context {self.max_context}, "

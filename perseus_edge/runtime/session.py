@@ -113,7 +113,8 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def session_options(threads: int | None = None, low_memory: bool = False):
+def session_options(threads: int | None = None, low_memory: bool = False, config: dict | None = None,
+                    profile: str | os.PathLike | None = None):
     """SessionOptions: `threads` intra-op threads (None = one per core), sequential execution.
 
     low_memory (mobile-class devices):
@@ -121,6 +122,10 @@ def session_options(threads: int | None = None, low_memory: bool = False):
       - no memory pattern planning: no pre-sized block per input shape
       - initializers allocated with the device allocator directly (not through the arena)
       - no weight prepacking: MatMul keeps one copy of each weight instead of a packed second one
+    config: extra ORT session config entries (e.g. {"session.intra_op.allow_spinning": "1"}),
+    applied last so they override the defaults here; profile: a file prefix that turns on ORT's
+    profiler (the trace is written by `session.end_profiling()`). These are the one seam through
+    which tools (bench, profile, footprint) shape a session.
     Weights in model.onnx.data are memory-mapped by ORT where the file layout allows it.
     """
     import onnxruntime as ort
@@ -135,20 +140,28 @@ def session_options(threads: int | None = None, low_memory: bool = False):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle worker threads sleep instead of spin-waiting: on a 2-core device spinning competes with
     # the thread that has work (studies/results/cpu/README.md, "Threading": up to 1.6x slower decode).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    entries = {"session.intra_op.allow_spinning": "0"}
     if low_memory:
         so.enable_cpu_mem_arena = False
         so.enable_mem_pattern = False
-        so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
-        so.add_session_config_entry("session.disable_prepacking", "1")
+        entries["session.use_device_allocator_for_initializers"] = "1"
+        entries["session.disable_prepacking"] = "1"
+    entries.update({str(k): str(v) for k, v in (config or {}).items()})
+    for key, value in entries.items():  # each once: ORT warns when an entry is set twice
+        so.add_session_config_entry(key, value)
+    if profile is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile)
     return so
 
 
-def create_session(folder: ModelFolder, threads: int | None = None, low_memory: bool = False):
-    """An InferenceSession on the CPU execution provider for the folder's graph (.onnx or .ort)."""
+def create_session(folder: ModelFolder, threads: int | None = None, low_memory: bool = False,
+                   config: dict | None = None, profile: str | os.PathLike | None = None):
+    """An InferenceSession on the CPU execution provider for the folder's graph (.onnx or .ort);
+    the options are `session_options`'."""
     import onnxruntime as ort
 
-    so = session_options(threads, low_memory)
+    so = session_options(threads, low_memory, config, profile)
     if folder.format == "ort":
         so.add_session_config_entry("session.load_model_format", "ORT")
     try:
