@@ -25,9 +25,20 @@ from perseus_edge.runtime.model import Model  # noqa: E402
 
 LENGTHS = [5, 11, 8]  # prompt lengths: the rows decode at positions 5, 11 and 8
 STEPS = [1, 1, 2, 1]  # new tokens per row in each batched run after the prefills
-# fp32: the same arithmetic up to GEMM blocking. int8: DynamicQuantizeMatMul picks one activation
-# scale per run, over all rows of the batch, so a row's codes depend on its neighbours.
-TOL = {"fp32": 1e-4, "int8": 0.02}  # int8 logits here are ~0.5 in size; measured 0.0065
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, scheme: str, what: str) -> None:
+    """fp32: the same arithmetic up to GEMM blocking. int8: DynamicQuantizeMatMul picks one
+    activation scale per run over all rows of the batch, so a row's codes depend on its
+    neighbours: a few quantization steps of difference, bounded relative to the tensor's norm."""
+    if scheme == "fp32":
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=what)
+    else:
+        rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        assert rel <= REL_INT8, f"{what}: relative error {rel:.4f}"
+
+
+REL_INT8 = 0.03  # measured up to 0.012 (logits) and 0.007 (cache rows)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +102,11 @@ def test_batch_at_different_positions_equals_each_alone(folder, arch, target, sc
     for i, step in enumerate(steps):
         logits = batch.forward(step, positions)
         for b in range(len(prompts)):
-            np.testing.assert_allclose(logits[b], expected[b][i], atol=TOL[scheme], rtol=0,
-                                       err_msg=f"row {b}, run {i}")
+            assert_close(logits[b], expected[b][i], scheme, f"logits of row {b}, run {i}")
         positions = positions + step.shape[1]
     for b, want in enumerate(expected_cache):
         for got, ref in zip(cache_rows(batch, b, positions[b]), want):
-            np.testing.assert_allclose(got, ref, atol=TOL[scheme], rtol=0)
+            assert_close(got, ref, scheme, f"cache rows of slot {b}")
 
 
 def test_subset_of_slots_runs_in_place_and_leaves_the_others(folder):
