@@ -20,35 +20,10 @@ from perseus_edge.errors import PerseusError
 from perseus_edge.manifest import atomic_folder, verify_folder, write_manifest
 from perseus_edge.model.config import ModelConfig
 from perseus_edge.model.transformer import PerseusLM
+from perseus_edge.modelfile import CONFIG, TOKENIZER
 
-CONFIG, WEIGHTS, INDEX, TOKENIZER = "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def hf_config(cfg: ModelConfig) -> dict:
-    """Our config plus the keys transformers' DeepseekV3Config needs (MLA architectures only)."""
-    out = cfg.to_dict()
-    if cfg.is_mla:
-        out.update(
-            model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
-            num_key_value_heads=cfg.num_attention_heads, n_group=1, topk_group=1,
-            hidden_act="silu", attention_bias=False, attention_dropout=0.0, rope_interleave=True,
-            # a dense MLA model is DeepseekV3 with every layer dense
-            first_k_dense_replace=cfg.first_k_dense_replace if cfg.is_moe else cfg.num_hidden_layers,
-            n_routed_experts=cfg.n_routed_experts if cfg.is_moe else 1,
-            bos_token_id=0, eos_token_id=0,
-        )
-    return out
-
-
-def config_from_json(data: dict) -> ModelConfig:
-    """Inverse of `hf_config`: the `arch` key is ours and decides the member of the family."""
-    data = dict(data)
-    if "arch" not in data:
-        raise PerseusError("config.json has no 'arch' key: not a perseus checkpoint")
-    if data.get("model_type") == "deepseek_v3" and data["arch"] == "mla-dense":
-        data["first_k_dense_replace"] = 0
-    return ModelConfig.from_dict(data)
 
 
 def save_checkpoint(folder: Path, model: PerseusLM, tokenizer_json: Path | str, dtype: str = "fp32",
@@ -62,7 +37,7 @@ def save_checkpoint(folder: Path, model: PerseusLM, tokenizer_json: Path | str, 
         state.pop("lm_head.weight", None)
     folder = Path(folder)
     with atomic_folder(folder, force=force) as tmp:
-        (tmp / CONFIG).write_text(json.dumps(hf_config(model.cfg), indent=2) + "\n")
+        model.cfg.save(tmp / CONFIG)
         _save_weights(tmp, state, max_shard_bytes)
         shutil.copyfile(tokenizer_json, tmp / TOKENIZER)
         for name, src in (extra_files or {}).items():
@@ -119,7 +94,7 @@ def load_checkpoint(folder: Path, device: str = "cpu", dtype: str | None = None,
     folder = Path(folder)
     if verify:
         verify_folder(folder, "checkpoint")
-    cfg = config_from_json(json.loads((folder / CONFIG).read_text()))
+    cfg = ModelConfig.load(folder / CONFIG)
     check_vocab(load_tokenizer(folder / TOKENIZER), cfg.vocab_size, str(folder))
     model = PerseusLM(cfg)
     state = load_state(folder)

@@ -160,7 +160,7 @@ def test_graph_contract_and_custom_ops(arch, exported):
     path = folder / mf.MODEL_ONNX
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
-    cfg = ModelConfig.from_dict(json.loads((folder / mf.CONFIG).read_text()))
+    cfg = ModelConfig.load(folder)
     slots = mf.cache_slots(cfg.is_mla)
     layers = range(cfg.num_hidden_layers)
     assert [i.name for i in model.graph.input] == [mf.INPUT_IDS, mf.POSITION] + [
@@ -199,7 +199,7 @@ def test_folder_files_and_generation_config(exported):
 
 
 def test_large_weights_go_to_page_aligned_external_data(exported, make_checkpoint, tmp_path, monkeypatch):
-    from perseus_edge.export import save
+    from perseus_edge.modelfile import writer as save
 
     monkeypatch.setattr(save, "EXTERNAL_BYTES", 0)  # the tiny model is under the real 2 MB limit
     folder = export_checkpoint(make_checkpoint("mha"), tmp_path / "m", max_context=64)

@@ -136,7 +136,7 @@ def test_int4_graph_computes_exactly_its_dequantized_weights(exported, quantized
     """With fp32 activations (accuracy_level 0), the int4 graph must equal the fp32 graph whose
     weights are replaced by their dequantized values: checks every rewrite's plumbing (packing,
     scales, zero points, function-body inputs, embedding gather, absorbed int8 weights)."""
-    from perseus_edge.export.save import save_graph
+    from perseus_edge.modelfile.writer import save_graph
     from perseus_edge.manifest import write_manifest
 
     base = exported()

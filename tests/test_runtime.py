@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from perseus_edge.errors import PerseusError
-from perseus_edge.runtime.sampling import Sampler
+from perseus_edge.sampling import Sampler
 from perseus_edge.runtime.stream import StopFilter, TextStream, token_bytes_table
 
 TOY_CONTEXT = 64
@@ -566,7 +566,7 @@ def test_parity_with_pytorch_reference(arch, export_arch, make_checkpoint):
     import torch
 
     from perseus_edge.checkpoint import load_checkpoint
-    from perseus_edge.generate import generate_tokens
+    from perseus_edge.reference import generate_tokens
     from perseus_edge.runtime.generate import Generator
 
     model, _ = load_checkpoint(make_checkpoint(arch))

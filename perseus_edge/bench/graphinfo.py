@@ -13,7 +13,6 @@ tensors it writes (`layers.0.attn.q_proj_quantized`, `..._scale`, `..._zero_poin
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +101,7 @@ def weight_breakdown(folder: str | Path, model=None) -> dict[str, int]:
 def read_config(folder: str | Path):
     from perseus_edge.model.config import ModelConfig
 
-    data = json.loads((Path(folder) / mf.CONFIG).read_text())
-    if data.get("model_type") == "deepseek_v3" and data.get("arch") == "mla-dense":
-        data["first_k_dense_replace"] = 0
-    return ModelConfig.from_dict(data)
+    return ModelConfig.load(folder)
 
 
 def cache_layout(folder: str | Path, model=None) -> dict:

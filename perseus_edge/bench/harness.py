@@ -174,7 +174,7 @@ def _quantize(src: Path, out: Path, scheme: str, log) -> Path:
 
 
 def prepare_subject(key: str, source: str, arch: str | None, cfg: BenchConfig, targets, schemes, log) -> Subject:
-    from perseus_edge.checkpoint import config_from_json
+    from perseus_edge.model.config import ModelConfig
 
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -190,7 +190,7 @@ def prepare_subject(key: str, source: str, arch: str | None, cfg: BenchConfig, t
         meta = read_manifest(ckpt)
         trained = "source_run" in meta and not meta.get("random_init")
         kind = "trained" if trained else ("random init" if meta.get("random_init") else "checkpoint")
-    mcfg = config_from_json(json.loads((ckpt / "config.json").read_text()))
+    mcfg = ModelConfig.load(ckpt)
     counts = mcfg.param_counts()
     label = f"{key.split()[0]} {mcfg.arch} ({kind})"
     subj = Subject(key, label, mcfg.arch, ckpt, trained, counts["total"], counts["active"])

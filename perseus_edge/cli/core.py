@@ -31,7 +31,7 @@ def info(
     from perseus_edge.model.config import preset as make_preset
 
     if config is not None:
-        cfgs = [(str(config), ModelConfig.load(config if config.is_file() else config / "config.json"))]
+        cfgs = [(str(config), ModelConfig.load(config))]
     else:
         cfgs = [(f"{preset}/{a}", make_preset(preset, a)) for a in ([arch] if arch else ARCHS)]
     table = Table(title=f"model sizes (context {context})")
@@ -159,8 +159,8 @@ def generate(
 ) -> None:
     """Generate with the PyTorch reference (what the ONNX runtime is checked against)."""
     from perseus_edge.checkpoint import load_checkpoint
-    from perseus_edge.generate import generate_tokens
-    from perseus_edge.runtime.sampling import Sampler
+    from perseus_edge.reference import generate_tokens
+    from perseus_edge.sampling import Sampler
     from perseus_edge.tokenizer import EOS, load_tokenizer
 
     if n <= 0:

@@ -113,7 +113,7 @@ def run(
     """Generate text from an exported model folder with ONNX Runtime (no torch needed)."""
     _quiet_numpy_threads()
     from perseus_edge.runtime.generate import TRUNCATE, Generator
-    from perseus_edge.runtime.sampling import Sampler
+    from perseus_edge.sampling import Sampler
 
     text = _read_prompt(prompt, prompt_file)
     if text is None and not interactive:
@@ -178,7 +178,7 @@ def demo(
     _quiet_numpy_threads()
     from perseus_edge.cli.demo import prepare
     from perseus_edge.runtime.generate import Generator
-    from perseus_edge.runtime.sampling import Sampler
+    from perseus_edge.sampling import Sampler
 
     if n < 1:
         raise PerseusError(f"-n must be at least 1, got {n}")

@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from perseus_edge import __version__
 from perseus_edge import modelfile as mf
 from perseus_edge.export import ops
-from perseus_edge.export.graph import IR_VERSION, OPSET, Builder, value_info
+from perseus_edge.modelfile.graph import IR_VERSION, OPSET, Builder, value_info
 from perseus_edge.model.config import ModelConfig
 
 PRODUCER = "perseus-edge"

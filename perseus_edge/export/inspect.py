@@ -82,11 +82,10 @@ def inspect_folder(folder: str | Path) -> tuple[str, str | None]:
     for key in sorted(set(manifest) - {"format", "kind", "files", mf.EXPORT_META}):
         lines.append(f"{key:<13} {json.dumps(manifest[key])}")
 
-    cfg_path = folder / mf.CONFIG
-    if cfg_path.is_file():
+    if (folder / mf.CONFIG).is_file():
         try:
-            lines += _config_lines(ModelConfig.from_dict(json.loads(cfg_path.read_text())))
-        except (ValueError, PerseusError) as e:
+            lines += _config_lines(ModelConfig.load(folder))
+        except PerseusError as e:
             lines.append(f"config        unreadable ({e})")
     gen_path = folder / mf.GENERATION_CONFIG
     if gen_path.is_file():

@@ -15,9 +15,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from perseus_edge import modelfile as mf
-from perseus_edge.export.graph import Builder
-
-MS_DOMAIN = "com.microsoft"
+from perseus_edge.modelfile.graph import Builder, drop_unused, ensure_opset
+from perseus_edge.modelfile.names import MS_DOMAIN
 
 
 def moe_to_ort(model: onnx.ModelProto) -> int:
@@ -73,7 +72,7 @@ def moe_to_ort(model: onnx.ModelProto) -> int:
     if count:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        _ensure_opset(model, MS_DOMAIN, 1)
+        ensure_opset(model, MS_DOMAIN, 1)
     return count
 
 
@@ -84,22 +83,5 @@ def lower(model: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, list[st
     """Apply the target's rewrites; returns the model and the names of those that changed it."""
     applied = [rewrite.__name__ for rewrite in REWRITES.get(target, []) if rewrite(model)]
     if applied:
-        _drop_unused(model)
+        drop_unused(model)
     return model, applied
-
-
-def _ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
-    if not any(o.domain == domain for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(domain, version))
-
-
-def _drop_unused(model: onnx.ModelProto) -> None:
-    """Remove initializers and local functions that no node refers to any more."""
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    called = {(n.domain, n.op_type) for n in model.graph.node}
-    funcs = [f for f in model.functions if (f.domain, f.name) in called]
-    del model.functions[:]
-    model.functions.extend(funcs)

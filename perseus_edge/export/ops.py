@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto
 
-from perseus_edge.export.graph import Builder, Ref
+from perseus_edge.modelfile.graph import Builder, Ref
 from perseus_edge.modelfile import OP_ATTENTION, OP_LATENT_ATTENTION, OP_MOE, PERSEUS_DOMAIN
 
 INT = AttributeProto.INT

@@ -36,9 +36,9 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, t
     from perseus_edge import __version__
     from perseus_edge.checkpoint import load_checkpoint
     from perseus_edge.export.build import build
-    from perseus_edge.export.graph import OPSET
+    from perseus_edge.modelfile.graph import OPSET
     from perseus_edge.export.lower import lower
-    from perseus_edge.export.save import save_folder
+    from perseus_edge.modelfile.writer import save_folder
     from perseus_edge.export.weights import prepare
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)

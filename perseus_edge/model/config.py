@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from perseus_edge.errors import PerseusError
+from perseus_edge.modelfile.names import CONFIG
 
 ARCHS = ("moe-mla-rope", "mla-dense", "mha", "mha-moe")
 
@@ -196,18 +197,48 @@ class ModelConfig:
         except TypeError as e:
             raise PerseusError(f"invalid model config: {e}") from None
 
+    def to_hf_dict(self) -> dict:
+        """`to_dict` plus the keys transformers' DeepseekV3Config needs (MLA architectures only),
+        so a checkpoint folder also loads with `DeepseekV3ForCausalLM.from_pretrained`."""
+        out = self.to_dict()
+        if self.is_mla:
+            out.update(
+                model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+                num_key_value_heads=self.num_attention_heads, n_group=1, topk_group=1,
+                hidden_act="silu", attention_bias=False, attention_dropout=0.0, rope_interleave=True,
+                # a dense MLA model is DeepseekV3 with every layer dense
+                first_k_dense_replace=self.first_k_dense_replace if self.is_moe else self.num_hidden_layers,
+                n_routed_experts=self.n_routed_experts if self.is_moe else 1,
+                bos_token_id=0, eos_token_id=0,
+            )
+        return out
+
     @classmethod
-    def load(cls, path: Path) -> "ModelConfig":
+    def load(cls, path: str | Path) -> "ModelConfig":
+        """config.json of any perseus folder (checkpoint or model), or the folder itself.
+
+        The one reader of config.json: the inverse of `save` (HF's spelling of a dense MLA model,
+        every layer dense, comes back as first_k_dense_replace 0)."""
         path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG
         if not path.is_file():
             raise PerseusError(f"config not found: {path}")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise PerseusError(f"{path} is not valid JSON ({e.msg})") from None
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PerseusError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise PerseusError(f"{path} holds a JSON {type(data).__name__}, expected an object")
+        if "arch" not in data:
+            raise PerseusError(f"{path} has no 'arch' key: not a perseus model config")
+        if data.get("model_type") == "deepseek_v3" and data["arch"] == "mla-dense":
+            data["first_k_dense_replace"] = 0
+        return cls.from_dict(data)
 
-    def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, path: str | Path) -> None:
+        """config.json in the form every perseus folder uses (`to_hf_dict`)."""
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
     def replace(self, **changes) -> "ModelConfig":
         return ModelConfig.from_dict({**self.to_dict(), **changes})

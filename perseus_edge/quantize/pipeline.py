@@ -127,7 +127,7 @@ def apply(model, plan: Plan, src: Path) -> dict:
             done["matmuls"] = len(rw.quantize_matmuls(model, weights, skip=skip))
             done["expert_weights"] = len(rw.quantize_op_weights(model, mf.OP_MOE, EXPERT_WEIGHTS, weights))
         done["absorbed_int8"] = len(rw.store_int8(model, mf.OP_LATENT_ATTENTION, ABSORBED_WEIGHTS))
-        if any(n.domain == rw.MS_DOMAIN and n.op_type == "MoE" for n in model.graph.node):
+        if any(n.domain == mf.MS_DOMAIN and n.op_type == "MoE" for n in model.graph.node):
             # ort-cpu folders: QMoE takes only integer zero points, so its experts use rtn
             experts = replace(weights, method="rtn") if weights.kind == "nbits" else weights
             done["qmoe"] = rw.lower_qmoe(model, experts)
@@ -167,7 +167,7 @@ def _all_but(model, keep: str) -> set[str]:
 
 # ----------------------------------------------------------------------------- save and check
 def save(model, src: Path, tmp: Path) -> None:
-    from perseus_edge.export.save import save_graph
+    from perseus_edge.modelfile.writer import save_graph
 
     try:
         save_graph(model, tmp)

@@ -28,10 +28,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from perseus_edge import modelfile as mf
-from perseus_edge.export.graph import Builder
+from perseus_edge.modelfile.graph import (Builder, add_initializer, drop_unused, ensure_opset, function,
+                                          initializers, replace_nodes)
+from perseus_edge.modelfile.names import MS_DOMAIN
 from perseus_edge.quantize import weights as qw
 
-MS_DOMAIN = "com.microsoft"
 FLOAT = TensorProto.FLOAT
 
 
@@ -100,39 +101,6 @@ class MatMulQuant:
                 "symmetric": self.symmetric, "method": self.method, "accuracy_level": self.accuracy_level}
 
 
-# ----------------------------------------------------------------------------- helpers
-def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in model.graph.initializer}
-
-
-def add_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> str:
-    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-    return name
-
-
-def ensure_opset(model: onnx.ModelProto, domain: str, version: int = 1) -> None:
-    if not any(o.domain == domain for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(domain, version))
-
-
-def drop_unused(model: onnx.ModelProto) -> None:
-    """Remove initializers no node reads (any more)."""
-    used = {i for n in model.graph.node for i in n.input}
-    used |= {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-
-
-def function(model: onnx.ModelProto, op: str, domain: str = mf.PERSEUS_DOMAIN) -> onnx.FunctionProto | None:
-    return next((f for f in model.functions if (f.domain, f.name) == (domain, op)), None)
-
-
-def _replace_nodes(container, new_nodes: list) -> None:
-    del container.node[:]
-    container.node.extend(new_nodes)
-
-
 # ----------------------------------------------------------------------------- main-graph matmuls
 def quantize_matmuls(model: onnx.ModelProto, quant: MatMulQuant, skip: set[str] = frozenset()) -> list[str]:
     """Quantize every main-graph MatMul whose B is a 2-D float initializer (names in `skip` stay).
@@ -154,7 +122,7 @@ def quantize_matmuls(model: onnx.ModelProto, quant: MatMulQuant, skip: set[str] 
         quant.emit(b, node.input[0], names, w.shape[0], w.shape[1], out=node.output[0], dq_cache=dq_cache)
         nodes.extend(b.nodes[start:])
         done.append(w_name)
-    _replace_nodes(model.graph, nodes)
+    replace_nodes(model.graph, nodes)
     if quant.kind == "nbits" and done:
         ensure_opset(model, MS_DOMAIN)
     drop_unused(model)
@@ -199,7 +167,7 @@ def quantize_op_weights(model: onnx.ModelProto, op: str, formals: list[str], qua
             body.extend(b.nodes[start:])
         else:
             body.append(node)
-    _replace_nodes(f, body)
+    replace_nodes(f, body)
     new_inputs = []
     for name in f.input:
         new_inputs += [f"{name}_{r}" for r in roles] if name in formals else [name]
@@ -259,7 +227,7 @@ def quantize_embedding(model: onnx.ModelProto, bits: int, block_size: int = 32) 
     nodes = []
     for n in model.graph.node:
         nodes.extend(b.nodes if n is node else [n])
-    _replace_nodes(model.graph, nodes)
+    replace_nodes(model.graph, nodes)
     drop_unused(model)
     return name
 
@@ -292,7 +260,7 @@ def store_int8(model: onnx.ModelProto, op: str, formals: list[str]) -> list[str]
             front.extend(b.nodes)
             call.input[position[formal]] = f"{arg}.dequantized"
             done.append(arg)
-    _replace_nodes(model.graph, front + list(model.graph.node))
+    replace_nodes(model.graph, front + list(model.graph.node))
     drop_unused(model)
     return done
 
@@ -365,7 +333,7 @@ def _convert_cache_function(f: onnx.FunctionProto) -> list[tuple[str, str]]:
             if any(i in presents for i in node.input):
                 raise ValueError(f"{f.name}: unexpected reader {node.op_type} of a cache output")
             body.append(node)
-    _replace_nodes(f, body)
+    replace_nodes(f, body)
     f.input.extend(f"{past}_scale" for past, _ in slots)
     f.output.extend(f"{present}_scale" for _, present in slots)
     return slots
@@ -383,7 +351,7 @@ def weights_to_fp16(model: onnx.ModelProto, min_elements: int = 1024) -> list[st
         t.CopyFrom(numpy_helper.from_array(w.astype(np.float16), f"{t.name}.fp16"))
         front.append(helper.make_node("Cast", [t.name], [t.name[:-5]], to=FLOAT, name=f"{t.name}/cast"))
         done.append(t.name[:-5])
-    _replace_nodes(model.graph, front + list(model.graph.node))
+    replace_nodes(model.graph, front + list(model.graph.node))
     return done
 
 
@@ -480,7 +448,7 @@ def qdq_weights(model: onnx.ModelProto, names: list[str], bits: int = 4, block_s
     keep = [t for t in model.graph.initializer if t.name not in set(done)]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
-    _replace_nodes(model.graph, front + list(model.graph.node))
+    replace_nodes(model.graph, front + list(model.graph.node))
     return done
 
 

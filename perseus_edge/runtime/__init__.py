@@ -26,12 +26,12 @@ _EXPORTS = {
     "Generator": "perseus_edge.runtime.generate",
     "Result": "perseus_edge.runtime.generate",
     "Model": "perseus_edge.runtime.model",
-    "Sampler": "perseus_edge.runtime.sampling",
+    "Sampler": "perseus_edge.sampling",
     "TextStream": "perseus_edge.runtime.stream",
     "Timings": "perseus_edge.runtime.timings",
     "evaluate": "perseus_edge.runtime.evaluate",
     "convert_to_ort": "perseus_edge.runtime.ort_format",
-    "open_folder": "perseus_edge.runtime.session",
+    "open_folder": "perseus_edge.modelfile.reader",
 }
 __all__ = sorted(_EXPORTS)
 

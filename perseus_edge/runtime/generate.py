@@ -26,7 +26,7 @@ import numpy as np
 
 from perseus_edge.errors import PerseusError
 from perseus_edge.runtime.model import Model
-from perseus_edge.runtime.sampling import Sampler
+from perseus_edge.sampling import Sampler
 from perseus_edge.runtime.stream import StopFilter, TextStream, token_bytes_table
 from perseus_edge.runtime.timings import Timings, anon_rss_bytes, now, peak_rss_bytes
 

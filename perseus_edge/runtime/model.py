@@ -23,8 +23,8 @@ import numpy as np
 from perseus_edge import modelfile as mf
 from perseus_edge.errors import PerseusError
 from perseus_edge.runtime.cache import KVCache
-from perseus_edge.runtime.session import (GraphSpec, ModelFolder, create_session, default_threads,
-                                          open_folder)
+from perseus_edge.modelfile.reader import ModelFolder, open_folder
+from perseus_edge.runtime.session import GraphSpec, create_session, default_threads
 
 
 class _Rows:

@@ -1,6 +1,6 @@
-"""Open a model folder: check it, read its config and tokenizer, create the ONNX Runtime session.
+"""The ONNX Runtime session of a model folder, and the graph's interface as the session reports it.
 
-    folder = open_folder(path)                   # manifest sha256s, config, tokenizer, vocab check
+    folder = open_folder(path)                   # perseus_edge.modelfile.reader: sha256s, config, tokenizer
     session = create_session(folder, threads=1, low_memory=True)
     spec = GraphSpec.from_session(session, folder)  # cache buffers, context, vocab, as the graph says
 
@@ -9,97 +9,19 @@ The graph contract (input/output names) is `perseus_edge.modelfile`; nothing her
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from perseus_edge import modelfile as mf
 from perseus_edge.errors import PerseusError
-from perseus_edge.manifest import read_manifest, verify_folder
-from perseus_edge.model.config import ModelConfig
-from perseus_edge.tokenizer import EOS, check_vocab, load_tokenizer
+from perseus_edge.modelfile.reader import ModelFolder, open_folder  # noqa: F401 (re-exported)
 
-FORMATS = ("auto", "onnx", "ort")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(bfloat16)": None, "tensor(double)": np.float64}
 _CACHE_TYPES = {**_ORT_TYPES, "tensor(int8)": np.int8}  # int8: a quantized cache (codes + scales)
-
-
-@dataclass
-class ModelFolder:
-    """Everything in a model folder except the graph itself."""
-
-    path: Path
-    manifest: dict
-    config: ModelConfig
-    generation: dict  # generation_config.json ({} when absent)
-    tokenizer: object  # tokenizers.Tokenizer
-    graph: Path  # model.onnx or model.ort
-    format: str  # "onnx" or "ort"
-
-    @property
-    def eos_ids(self) -> list[int]:
-        """End-of-sequence ids: generation_config's eos_token_id, else the tokenizer's EOS."""
-        eos = self.generation.get("eos_token_id")
-        if eos is None:
-            eos = self.tokenizer.token_to_id(EOS)
-        ids = eos if isinstance(eos, list) else [eos]
-        return [int(i) for i in ids if i is not None]
-
-
-def _load_config(path: Path) -> ModelConfig:
-    """config.json as written by the exporter (the checkpoint's, HF keys included)."""
-    if not path.is_file():
-        raise PerseusError(f"config not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PerseusError(f"{path} is not valid JSON ({e})") from None
-    if "arch" not in data:
-        raise PerseusError(f"{path} has no 'arch' key: not a perseus model config")
-    if data.get("model_type") == "deepseek_v3" and data["arch"] == "mla-dense":
-        data["first_k_dense_replace"] = 0  # HF spelling of "every layer dense"
-    return ModelConfig.from_dict(data)
-
-
-def open_folder(path: str | os.PathLike, format: str = "auto", verify: bool = True) -> ModelFolder:
-    """Check a model folder and load its small files. `format`: auto (onnx if present), onnx, ort."""
-    path = Path(path)
-    if format not in FORMATS:
-        raise PerseusError(f"unknown model format {format!r} (choose from {', '.join(FORMATS)})")
-    manifest = read_manifest(path)  # clear errors for a missing folder / missing manifest
-    kind = str(manifest.get("kind", ""))
-    if kind == "checkpoint":
-        raise PerseusError(f"{path} is a training checkpoint, not a model folder: "
-                           f"run `perseus export {path} -o OUT` first")
-    if not kind.startswith("onnx"):
-        raise PerseusError(f"{path} holds a {kind!r} folder, expected an exported ONNX model folder")
-    if verify:
-        manifest = verify_folder(path)
-    onnx_path, ort_path = path / mf.MODEL_ONNX, path / mf.MODEL_ORT
-    if format == "auto":
-        format = "onnx" if onnx_path.is_file() else "ort"
-    graph = onnx_path if format == "onnx" else ort_path
-    if not graph.is_file():
-        hint = " (create it with `perseus to-ort`)" if format == "ort" else ""
-        raise PerseusError(f"{path} has no {graph.name}{hint}")
-    if verify and graph.name not in manifest.get("files", {}):
-        raise PerseusError(f"{path}: {graph.name} is not listed in the manifest (unverified file)")
-    config = _load_config(path / mf.CONFIG)
-    generation = {}
-    gpath = path / mf.GENERATION_CONFIG
-    if gpath.is_file():
-        try:
-            generation = json.loads(gpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PerseusError(f"{gpath} is not valid JSON ({e})") from None
-    tokenizer = load_tokenizer(path / mf.TOKENIZER)
-    check_vocab(tokenizer, config.vocab_size, where=f"the model in {path}")
-    return ModelFolder(path, manifest, config, generation, tokenizer, graph, format)
 
 
 # ----------------------------------------------------------------------------- the ORT session

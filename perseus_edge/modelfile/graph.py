@@ -1,10 +1,13 @@
-"""A small ONNX graph builder: fresh names, constants, weights and attribute references.
+"""ONNX graph helpers shared by every compiler stage: a small builder and model edits.
 
-The exporter writes the graph directly from the checkpoint weights (the onnxruntime-genai
-builder approach) instead of tracing PyTorch, and this is the one helper it needs. Calls read
-like onnxscript (`b.MatMul(x, w)`), but everything is plain `onnx.helper`, so what is emitted is
-exactly what is written. The same builder writes function bodies, where an attribute can refer
-to an attribute of the calling node (`Ref("scale")`).
+`Builder`: the exporter writes the graph directly from the checkpoint weights (the
+onnxruntime-genai builder approach) instead of tracing PyTorch, and the quantizer and the
+lowering passes emit their replacement nodes with the same builder. Calls read like onnxscript
+(`b.MatMul(x, w)`), but everything is plain `onnx.helper`, so what is emitted is exactly what is
+written. The same builder writes function bodies, where an attribute can refer to an attribute
+of the calling node (`Ref("scale")`).
+
+Model edits (`ensure_opset`, `drop_unused`, `initializers`, ...) are the one copy every pass uses.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+from perseus_edge.modelfile.names import PERSEUS_DOMAIN
 
 OPSET = 24  # TensorScatter (the in-place cache write) is new in opset 24
 IR_VERSION = 11  # the IR version of onnx 1.19, which introduced opset 24
@@ -88,3 +93,52 @@ class Builder:
 
 def value_info(name: str, dtype, shape) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, DTYPES[np.dtype(dtype)], shape)
+
+
+# ----------------------------------------------------------------------------- model edits
+def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def add_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> str:
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    return name
+
+
+def function(model: onnx.ModelProto, op: str, domain: str = PERSEUS_DOMAIN) -> onnx.FunctionProto | None:
+    """The model-local function that implements `domain.op`, if the model has one."""
+    return next((f for f in model.functions if (f.domain, f.name) == (domain, op)), None)
+
+
+def calls(model: onnx.ModelProto, op: str, domain: str = PERSEUS_DOMAIN) -> list[onnx.NodeProto]:
+    """The main-graph nodes that call `domain.op`."""
+    return [n for n in model.graph.node if (n.domain, n.op_type) == (domain, op)]
+
+
+def perseus_ops(model: onnx.ModelProto) -> list[str]:
+    """Names of the perseus ops the main graph calls, sorted (recorded in the manifest)."""
+    return sorted({n.op_type for n in model.graph.node if n.domain == PERSEUS_DOMAIN})
+
+
+def replace_nodes(container, nodes: list[onnx.NodeProto]) -> None:
+    """Set the node list of a graph or function body."""
+    del container.node[:]
+    container.node.extend(nodes)
+
+
+def ensure_opset(model: onnx.ModelProto, domain: str, version: int = 1) -> None:
+    """Import `domain` at `version` unless the model already imports it."""
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def drop_unused(model: onnx.ModelProto) -> None:
+    """Remove initializers that no node or graph output reads, and local functions no node calls."""
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    called = {(n.domain, n.op_type) for n in model.graph.node}
+    funcs = [f for f in model.functions if (f.domain, f.name) in called]
+    del model.functions[:]
+    model.functions.extend(funcs)

@@ -2,7 +2,7 @@
 
 Like gguf-py's constants module, this is the single source of truth shared by the exporter (which
 writes these names), the quantizer (which rewrites the graph and keeps them) and the runtime (which
-binds them). Torch-free.
+binds them). Torch- and onnx-free; `perseus_edge.modelfile` re-exports all of it.
 
 Folder layout (kind "onnx" in manifest.json):
     model.onnx            the graph; large weights in model.onnx.data (external data)
@@ -33,7 +33,7 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 GENERATION_CONFIG = "generation_config.json"
 MANIFEST = "manifest.json"
-# ORT mobile format (optional, written by `perseus to-ort` beside model.onnx)
+# ORT mobile format (optional, the compiler's last serialize step, beside model.onnx)
 MODEL_ORT = "model.ort"
 REQUIRED_OPS = "model.required_operators.config"  # op list for a minimal ORT build
 
@@ -42,6 +42,7 @@ POSITION = "position"
 LOGITS = "logits"
 
 PERSEUS_DOMAIN = "perseus"
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits, MoE, QMoE, ...)
 OP_LATENT_ATTENTION = "LatentAttention"
 OP_ATTENTION = "Attention"  # MHA baseline, same cache contract
 OP_MOE = "MoE"
@@ -85,3 +86,5 @@ def cache_scale_slot(slot: str) -> str:
 # its settings ({"scheme", "target", "weights": {...}, "kv_cache", "source": {"path", "sha256"}, ...})
 QUANT_META = "quantization"
 
+__all__ = [name for name in dir() if name.isupper() or name in (
+    "cache_slots", "past_name", "present_name", "cache_widths", "cache_scale_slot")]

@@ -1,7 +1,7 @@
-"""Stage `save`: write the model folder (layout in `perseus_edge.modelfile`) into a directory.
+"""Write a model folder (layout in `perseus_edge.modelfile.names`).
 
 The caller hands in a fresh directory (the temp side of `manifest.atomic_folder`), so a failed
-export never leaves a half-written model where a good one is expected.
+write never leaves a half-written model where a good one is expected.
 
 Weights over EXTERNAL_BYTES go to model.onnx.data with every tensor at a 4 KiB-aligned offset:
 that alignment is what lets onnxruntime memory-map them instead of reading them into RAM.
@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from perseus_edge import modelfile as mf
+from perseus_edge.modelfile import names as mf
 from perseus_edge.errors import PerseusError
 from perseus_edge.manifest import write_manifest
 from perseus_edge.model.config import ModelConfig

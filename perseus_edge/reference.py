@@ -1,7 +1,7 @@
 """PyTorch reference generation: the behaviour the ONNX runtime is checked against.
 
-Sampling uses the runtime's numpy `Sampler` on the same logits, so given equal logits the two
-generators pick the same tokens; any divergence is an export problem, not a sampling one.
+Sampling is `perseus_edge.sampling.Sampler`, the numpy sampler the runtime uses too, so given
+equal logits the two generators pick the same tokens; any divergence is an export problem.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from perseus_edge.errors import PerseusError
 from perseus_edge.model.transformer import PerseusLM
-from perseus_edge.runtime.sampling import Sampler
+from perseus_edge.sampling import Sampler
 
 
 @torch.no_grad()
