@@ -3,10 +3,10 @@
 Floors, bottom to top (README "Architecture"):
 
     ground    errors, manifest, modelfile/, model/config, tokenizer, sampling, data, train_config
-    runtime   runtime/                      (never torch)
+    runtime   runtime/, api                 (never torch)
     torch     model/transformer, optim, checkpoint, train, reference
     compiler  export/ | quantize/ | lower/  (three stages), then build (composes them)
-    tools     bench/, profile
+    tools     bench/, profile | serve/
     cli       cli/
 
 Sides of one floor may import the floors below, never each other: the runtime never reaches the
@@ -37,6 +37,7 @@ FLOORS = {
     "perseus_edge.data": (0, "ground"),
     "perseus_edge.train_config": (0, "ground"),
     "perseus_edge.runtime": (1, "runtime"),
+    "perseus_edge.api": (1, "runtime"),
     "perseus_edge.model.transformer": (1, "torch"),
     "perseus_edge.optim": (1, "torch"),
     "perseus_edge.checkpoint": (1, "torch"),
@@ -48,6 +49,7 @@ FLOORS = {
     "perseus_edge.build": (2.5, "compiler"),
     "perseus_edge.bench": (3, "tools"),
     "perseus_edge.profile": (3, "tools"),
+    "perseus_edge.serve": (3, "serve"),
     "perseus_edge.cli": (4, "cli"),
 }
 ROOT = (0, "ground")  # perseus_edge/__init__.py: the version string

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from perseus_edge.errors import PerseusError
+
+if TYPE_CHECKING:
+    from perseus_edge.api import LanguageModel
 
 DEFAULT_N = 128
 
@@ -46,7 +49,7 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> Optional
                            f"(byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
-def _stream(gen, prompt, n: int, echo: bool, timings: bool, **kw) -> bool:
+def _stream(gen: LanguageModel, prompt, n: int, echo: bool, timings: bool, **kw) -> bool:
     """Print one generation as it streams, then notes and timings. False if interrupted by Ctrl-C."""
     pieces = gen.stream(prompt, n, **kw)  # checks every argument before printing anything
     out = sys.stdout
@@ -112,7 +115,8 @@ def run(
 ) -> None:
     """Generate text from an exported model folder with ONNX Runtime (no torch needed)."""
     _quiet_numpy_threads()
-    from perseus_edge.runtime.generate import TRUNCATE, Generator
+    from perseus_edge.api import load
+    from perseus_edge.runtime.generate import TRUNCATE
     from perseus_edge.sampling import Sampler
 
     text = _read_prompt(prompt, prompt_file)
@@ -130,7 +134,7 @@ def run(
             repetition_penalty=1.0 if repeat_penalty is None else repeat_penalty, seed=seed)
     if hasattr(sys.stdout, "reconfigure"):  # never die printing a character the terminal lacks
         sys.stdout.reconfigure(errors="replace")
-    gen = Generator(model_dir, threads=threads, low_memory=low_memory, format=format, verify=verify)
+    gen = load(model_dir, threads=threads, low_memory=low_memory, format=format, verify=verify)
     if n is None:
         n = min(DEFAULT_N, gen.max_context - 1)
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repeat_penalty,
@@ -145,7 +149,7 @@ def run(
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
-    _err(f"interactive mode ({gen.model.folder.path}, context {gen.max_context}): "
+    _err(f"interactive mode ({gen.path}, context {gen.max_context}): "
          f"one prompt per line, Ctrl-D or Ctrl-C to quit")
     while True:
         try:
@@ -176,8 +180,8 @@ def demo(
 ) -> None:
     """Tell a story with the shipped model: exported and quantized once (cached), then streamed."""
     _quiet_numpy_threads()
+    from perseus_edge.api import load
     from perseus_edge.cli.demo import prepare
-    from perseus_edge.runtime.generate import Generator
     from perseus_edge.sampling import Sampler
 
     if n < 1:
@@ -185,7 +189,7 @@ def demo(
     Sampler(temperature=0.0 if temperature is None else temperature, top_k=top_k or 0,
             top_p=1.0 if top_p is None else top_p, seed=seed)
     model_dir = prepare(checkpoint, quantize=quantize, log=_err)
-    gen = Generator(model_dir, threads=threads)
+    gen = load(model_dir, threads=threads)
     n = min(n, gen.max_context - len(gen.encode(prompt)))
     if n < 1:
         raise PerseusError(f"the prompt leaves no room in the model's context of {gen.max_context}")
