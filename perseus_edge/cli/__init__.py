@@ -1,4 +1,4 @@
-"""`perseus`: one command per pipeline stage (train -> export -> quantize -> run -> bench).
+"""`perseus`: one command per pipeline stage (train -> export -> quantize -> run/serve -> bench).
 
 This module imports no torch: each command imports its stage lazily, so the runtime commands
 work on a device with only onnxruntime, numpy and tokenizers installed. Every user-facing failure
@@ -19,9 +19,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _register() -> None:
     """Attach each stage's commands (one module per stage, torch imported inside functions)."""
-    from perseus_edge.cli import bench, core, export, quantize, run
+    from perseus_edge.cli import bench, core, export, quantize, run, serve
 
-    for module in (core, export, quantize, run, bench):
+    for module in (core, export, quantize, run, serve, bench):
         module.register(app)
 
 
