@@ -1,127 +1,168 @@
-"""perseus bench / perseus profile on the tiny model: well-formed outputs, no numbers asserted."""
+"""perseus bench / perseus profile on a tiny exported model: well-formed outputs, no numbers asserted."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import subprocess
+import sys
 
 import pytest
+import typer
+from typer.testing import CliRunner
 
 from perseus_edge.bench import graphinfo
-from perseus_edge.bench.report import RECORD_KEYS
+from perseus_edge.bench.rounds import Test, make_tests, run_rounds, schedule
+
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked for this test")
+        return None
+sys.meta_path.insert(0, _NoTorch())
+import perseus_edge.cli
+sys.argv = ["perseus"] + sys.argv[1:]
+perseus_edge.cli.main()
+"""
 
 
 @pytest.fixture(scope="module")
-def bench_result(make_checkpoint, tmp_path_factory):
-    from perseus_edge.bench.harness import BenchConfig, run_bench
+def folders(make_checkpoint, tmp_path_factory):
+    from perseus_edge.export import export_checkpoint
 
     root = tmp_path_factory.mktemp("bench")
-    moe, mha = str(make_checkpoint()), str(make_checkpoint("mha"))
-    cfg = BenchConfig(out_dir=str(root / "out"), work_dir=str(root / "work"), models={"tiny": moe},
-                      archs={"moe-mla-rope": moe, "mha": mha}, threads=[1], arch_threads=[1], pp=[16], tg=4,
-                      contexts=[8, 300], arch_contexts=[8], arch_pp=[], reps=2, profile_contexts=[8], schemes=["int8"],
-                      quick=True, command="pytest")
-    result = run_bench(cfg, log=lambda s: None)
-    return result, root / "out"
+    ckpt = make_checkpoint()
+    return {t: export_checkpoint(ckpt, root / t, target=t) for t in ("portable", "ort-cpu")}
 
 
-def test_bench_writes_well_formed_results(bench_result):
-    result, out = bench_result
-    data = json.loads((out / "bench.json").read_text())
-    assert data["records"], "no records"
-    backends = {r["backend"] for r in data["records"]}
-    assert {"torch-eager", "onnx-portable", "onnx-ort-cpu"} <= backends
-    for r in data["records"]:
-        missing = [k for k in RECORD_KEYS if k not in r]
-        assert not missing, missing
-        assert r["tok_s_min"] <= r["tok_s_median"] <= r["tok_s_max"]
-        assert r["reps"] == 2 and r["peak_rss_bytes"] > 0
-    tests = {(r["test"], r["n_tokens"], r["context"]) for r in data["records"] if r["group"] == "main"}
-    # the context 300 is clipped to what the tiny model's cache (256) holds
-    assert tests == {("pp", 16, 0), ("tg", 4, 8), ("tg", 4, 256 - 4 - 1)}
-    assert {r["arch"] for r in data["records"] if r["group"] == "arch"} == {"moe-mla-rope", "mha"}
-    for key in ("peaks", "roofline", "footprint", "op_profile", "parity"):
-        assert data.get(key), key
-
-    readme = (out / "README.md").read_text()
-    assert "| model | size | params | backend | variant | threads | test | t/s" in readme
-    assert "## Seed claims and goals: held / not held" in readme
-    assert "tg4 @8" in readme and "pp16" in readme
-    for name in ("tok_s_vs_context.png", "memory_vs_context.png", "footprint.png", "arch_decode.png"):
-        assert (out / name).stat().st_size > 1000, name
+def perseus(*args: str) -> subprocess.CompletedProcess:
+    """The real CLI in a fresh process where torch cannot be imported."""
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], capture_output=True, text=True, timeout=300)
 
 
-def test_parity_of_tiny_export(bench_result):
-    result, _ = bench_result
-    folders = result["parity"][0]["folders"]
-    assert {"portable fp32", "ort-cpu fp32"} <= set(folders)
-    for label, folder in folders.items():
-        assert 0 <= folder["greedy_agreement"] <= 1 and folder["steps"] > 0
-        if label.endswith("fp32"):  # quantized folders differ by design: reported, not asserted
-            assert folder["decode_max_abs_diff"] < 1e-3 and folder["greedy_agreement"] == 1.0
+def bench_app() -> typer.Typer:
+    from perseus_edge.cli.bench import register
+
+    app = typer.Typer()  # only the bench commands, the global CLI app untouched
+    register(app)
+    return app
 
 
-def test_profile_components_sum_to_total(bench_result, tmp_path):
-    from perseus_edge.bench.footprint import footprint, markdown_table
+def test_bench_json_torch_free(folders):
+    p = perseus("bench", "-m", str(folders["ort-cpu"]), "-m", str(folders["portable"]), "-p", "16",
+                "-n", "4", "-d", "0,8", "-t", "1", "-r", "2", "-o", "json")
+    assert p.returncode == 0, p.stderr
+    records = json.loads(p.stdout)
+    tests = ["pp16", "pp16 @ d8", "tg4", "tg4 @ d8"]
+    assert [(r["model"], r["test"]) for r in records] == [(m, t) for m in ("ort-cpu", "portable") for t in tests]
+    for r in records:
+        assert r["backend"] == "onnxruntime" and r["threads"] == 1 and len(r["samples_ts"]) == 2
+        assert min(r["samples_ts"]) <= r["avg_ts"] <= max(r["samples_ts"]) and r["stddev_ts"] >= 0
+        assert r["peak_rss_bytes"] > 2**20 and r["size_bytes"] > 0 and r["params"] > 0
+        assert (r["n_prompt"], r["n_gen"]) == ((16, 0) if r["test"].startswith("pp") else (0, 4))
+        assert r["n_depth"] == (8 if "@" in r["test"] else 0)
 
-    result, _ = bench_result
-    folder = result["subjects"][0]["folders"]["ort-cpu fp32"]
+
+def test_bench_md_and_csv(folders):
+    args = ["bench", "-m", str(folders["ort-cpu"]), "-p", "8", "-n", "2", "-t", "1", "-r", "1"]
+    res = CliRunner().invoke(bench_app(), args)
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("|")]
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == [
+        "model", "size", "params", "backend", "threads", "test", "t/s", "peak RSS"]
+    assert len(lines) == 4 and "| pp8 " in lines[2] and "| tg2 " in lines[3] and "MiB" in lines[2]
+    res = CliRunner().invoke(bench_app(), args + ["-o", "csv"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert [r["test"] for r in rows] == ["pp8", "tg2"]
+    assert all(float(r["avg_ts"]) > 0 and len(r["samples_ts"].split(";")) == 1 for r in rows)
+
+
+def test_rounds_interleave_every_cell():
+    tests = make_tests([64, 256], [128], [0, 900])
+    assert [t.name for t in tests] == ["pp64", "pp64 @ d900", "pp256", "pp256 @ d900", "tg128", "tg128 @ d900"]
+    calls = []
+    samples = run_rounds(3, tests, 2, lambda w, t: calls.append((w, t)) or float(len(calls)))
+    # round 0 is a warm-up; in each round every worker runs a test before any worker runs the next
+    per_round = 3 * len(tests)
+    assert calls == [(w, t) for _ in range(3) for t in tests for w in range(3)]
+    assert len(calls) == schedule(3, tests, 2).__len__() == 3 * per_round
+    assert samples[(1, tests[0])] == [per_round + 2.0, 2 * per_round + 2.0]
+    assert set(samples) == {(w, t) for w in range(3) for t in tests}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "/nonexistent/model"], "error: model not found: /nonexistent/model"),
+    (["-p", "64,x"], "error: -p takes a comma-separated list of integers, got '64,x'"),
+    (["-t", "0"], "error: -t takes integers >= 1, got '0'"),
+    (["-d", "-1"], "error: -d takes integers >= 0, got '-1'"),
+    (["-o", "xml"], "error: -o takes one of md, json, csv, got 'xml'"),
+    (["-p", "0", "-n", "0"], "error: nothing to run: every -p and -n is 0"),
+    (["-p", "0", "-n", "8", "-d", "250"], "positions; the tests need 258 (depth + tokens)"),
+])
+def test_bench_errors(folders, tmp_path, args, message):
+    full = ["bench", "-m", str(folders["ort-cpu"]), "-r", "1"] + args + ([] if "-t" in args else ["-t", "1"])
+    res = CliRunner().invoke(bench_app(), full)
+    assert res.exit_code != 0
+    text = str(res.exception) if not isinstance(res.exception, SystemExit) else res.output
+    assert message.removeprefix("error: ") in text, text
+
+
+def test_bench_refuses_what_is_not_a_model(folders, tmp_path):
+    from perseus_edge.bench.llama import available
+    from perseus_edge.bench.rounds import resolve_model
+    from perseus_edge.errors import PerseusError
+
+    with pytest.raises(PerseusError, match="is neither a model folder nor a .gguf file"):
+        resolve_model(str(folders["ort-cpu"] / "model.onnx"))
+    with pytest.raises(PerseusError, match=r"is not a model folder \(no model.onnx or model.ort\)"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf")
+    if available():
+        assert resolve_model(str(tmp_path / "x.gguf")).backend == "llama.cpp"
+    else:
+        with pytest.raises(PerseusError, match=r"needs llama-cpp-python: pip install 'perseus-edge\[llama\]'"):
+            resolve_model(str(tmp_path / "x.gguf"))
+
+
+def test_profile_cli(folders, tmp_path):
+    res = CliRunner().invoke(bench_app(), ["profile", str(folders["portable"]), str(folders["ort-cpu"]),
+                                           "--out", str(tmp_path), "--steps", "4", "--prefill", "16"])
+    assert res.exit_code == 0, res.output
+    assert "perseus.LatentAttention (body)" in res.output and "weights total" in res.output
+    prof = json.loads((tmp_path / "profile.json").read_text())
+    assert len(prof["footprint"]) == 2 and len(prof["op_profile"]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]  # the ORT trace was not kept
+    bad = CliRunner().invoke(bench_app(), ["profile", str(tmp_path)])
+    assert bad.exit_code != 0
+
+
+def test_footprint_components_sum_to_total(folders):
+    from perseus_edge.bench.footprint import footprint
+
+    folder = folders["ort-cpu"]
     fp = footprint(folder, measure=False)
     total = sum(t.nbytes for t in graphinfo.initializers(folder))
     assert set(fp["weights"]) == set(graphinfo.COMPONENTS)
     assert sum(fp["weights"].values()) == fp["weights_total"] == total
     assert fp["weights"]["experts"] > 0 and fp["weights"]["attention"] > 0 and fp["weights"]["other"] == 0
-    # MLA cache: (kv_lora_rank + rope) per layer vs MHA's 2 x hidden per layer
-    cfg = graphinfo.read_config(folder)
+    cfg = graphinfo.read_config(folder)  # MLA cache: (kv_lora_rank + rope) per layer vs MHA's 2 x hidden
     assert fp["cache"]["bytes_per_token"] == cfg.kv_bytes_per_token()
     assert fp["mha_kv_bytes_per_token"] == cfg.replace(arch="mha").kv_bytes_per_token()
-    # measured footprints from the benchmark: the same component sums
-    for m in result["footprint"]:
-        assert sum(m["weights"].values()) == m["weights_total"]
-        assert m["measured"]["final"] > 0
-    assert "weights total" in markdown_table(result["footprint"])
-
-
-def test_profile_cli(bench_result, tmp_path):
-    import typer
-    from typer.testing import CliRunner
-
-    from perseus_edge.cli.bench import register
-
-    app = typer.Typer()  # only the bench commands, the global CLI app untouched
-    register(app)
-    result, _ = bench_result
-    folders = result["subjects"][0]["folders"]
-    res = CliRunner().invoke(app, ["profile", folders["portable fp32"], folders["ort-cpu fp32"],
-                                   "--out", str(tmp_path), "--steps", "4", "--prefill", "16"])
-    assert res.exit_code == 0, res.output
-    assert "perseus.LatentAttention (body)" in res.output
-    prof = json.loads((tmp_path / "profile.json").read_text())
-    assert len(prof["footprint"]) == 2 and len(prof["op_profile"]) == 2
-    assert (tmp_path / "footprint.png").is_file()
-    assert not list(tmp_path.glob("*.json"))[1:]  # the ORT trace was not kept
-    bad = CliRunner().invoke(app, ["profile", str(tmp_path)])
-    assert bad.exit_code != 0
-
-
-def test_roofline_helpers_are_sane(bench_result):
-    from perseus_edge.bench.roofline import copy_gbs, gemm_gflops, roofline
-
-    gflops = gemm_gflops(1, n=256, runs=2)
-    gbs = copy_gbs(1, mib=32, runs=2)
-    assert 0.1 < gflops < 1e5 and 0.1 < gbs < 1e4
-    peak = {"gflops": 100.0, "gops_int8": 400.0, "gbs": 10.0}
-    mem = roofline(bytes=1e8, flops=1e8, peak=peak)
-    assert mem["bound"] == "memory" and mem["tok_s"] == pytest.approx(100.0)
-    comp = roofline(bytes=1e3, flops=1e10, peak=peak)
-    assert comp["bound"] == "compute" and comp["tok_s"] == pytest.approx(10.0)
-    assert roofline(bytes=1e3, flops=1e10, peak=peak, integer=True)["tok_s"] == pytest.approx(40.0)
-    # the portable MoE graph reads every expert, the lowered one only top-k of them
-    result, _ = bench_result
-    folders = result["subjects"][0]["folders"]
-    portable = graphinfo.decode_cost(folders["portable fp32"], 8)
-    lowered = graphinfo.decode_cost(folders["ort-cpu fp32"], 8)
+    # the portable MoE graph reads every expert per token, the lowered one only top-k of them
+    portable = graphinfo.decode_cost(folders["portable"], 8)
+    lowered = graphinfo.decode_cost(folder, 8)
     assert lowered["weight_bytes"] < portable["weight_bytes"] and lowered["sparse_moe"]
-    assert lowered["flops"] < portable["flops"]
-    assert graphinfo.decode_cost(folders["ort-cpu fp32"], 200)["bytes"] > lowered["bytes"]
-    for row in result["roofline"]:
-        assert row["bound_tok_s"] > 0 and row["fraction"] > 0
+
+
+def test_research_harness_imports():
+    """studies/cpu stays importable from the checkout (its full run is not a CI test)."""
+    from studies.cpu import harness, report, roofline
+
+    assert harness.DEFAULT_CHECKPOINT.is_dir() and callable(report.write_report)
+    peak = {"gflops": 100.0, "gops_int8": 400.0, "gbs": 10.0}
+    assert roofline.roofline(bytes=1e8, flops=1e8, peak=peak)["tok_s"] == pytest.approx(100.0)
+    assert roofline.roofline(bytes=1e3, flops=1e10, peak=peak)["bound"] == "compute"

@@ -1,15 +1,13 @@
-"""perseus_edge.bench: `perseus bench` (our llama-bench) and `perseus profile`.
+"""perseus_edge.bench: `perseus bench` (our llama-bench) and `perseus profile`, both torch-free.
 
-    harness      subjects (exports, quantized folders, random checkpoints) -> timing groups -> analysis -> report
-    worker       one backend / variant / thread count in its own process, driven over a pipe
+    rounds       the tests, one worker per (model, threads), interleaved rounds -> records
+    worker       one model at one thread count in its own process, driven over a pipe
+    llama        the llama.cpp backend (a .gguf file through llama-cpp-python's low-level API)
+    tables       records -> llama-bench's markdown table, JSON, CSV
     prompts      the benchmark's prompt: validation text through the model's tokenizer
     graphinfo    what an exported graph holds (weights by component, cache buffers, decode bytes / FLOPs)
-    roofline     the machine's measured peaks and the roofline bound of a decode step
     footprint    memory by component: static from the graph, RSS stages measured in a fresh process
     opprofile    onnxruntime's profiler, summarised by op type and by perseus function body
-    report       bench.json, README.md (tables, verdicts), plots
-    gpu_reference  PyTorch eager / torch.compile on CUDA + logits parity (CPU side runs anywhere)
-    commands     the CLI
 
-Results: studies/results/cpu/. Design and method: bench/README.md.
+The research harness (PyTorch baselines, roofline, verdicts, plots) lives in studies/cpu/.
 """

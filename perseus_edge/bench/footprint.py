@@ -18,7 +18,7 @@ Measured (`probe`, in a fresh torch-free process, /proc/self/status):
                           from the mapping; prepacked MatMul weights were copied at session creation)
   decode                  after `decode` single-token steps; peak = VmHWM, this process's RSS
                           high-water mark
-The stacked bar splits the RSS after decode into: weights (per component), cache (the graph's
+`bar_segments` splits the RSS after decode into: weights (per component), cache (the graph's
 buffer bytes at full context), activations (first-run anonymous delta), runtime overhead (what remains above the base besides weights and cache:
 prepacked weight copies, ORT's own allocations and code), and the interpreter + libraries base.
 The overhead can come out negative when part of the weights is never resident (an embedding
@@ -40,9 +40,18 @@ from perseus_edge.bench import graphinfo
 MIB = 2 ** 20
 
 
+def rss_now() -> dict:
+    """Resident set of this process: total, anonymous, file-backed bytes and the high-water mark
+    `peak` (VmHWM: this process image's own, unlike getrusage which Linux carries across fork + exec)."""
+    from perseus_edge.runtime.timings import proc_status_bytes
+
+    status = proc_status_bytes("VmRSS", "RssAnon", "RssFile", "VmHWM")
+    keys = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "VmHWM": "peak"}
+    return {ours: status.get(field, 0) for field, ours in keys.items()}
+
+
 def probe(model_dir: str, threads: int = 1, prefill: int = 256, decode: int = 16) -> dict:
     """Measured RSS at each stage of loading and running the model (call in a fresh process)."""
-    from perseus_edge.bench.worker import rss_now
     from perseus_edge.runtime.cache import KVCache
     from perseus_edge.runtime.session import GraphSpec, create_session, open_folder
 
@@ -182,41 +191,3 @@ def markdown_table(fps: list[dict]) -> str:
             [_mib(m["overhead"]) for m in ms])
         row("RSS after decode / peak", [f"{_mib(m['final'])} / {_mib(m['peak_rss'])}" for m in ms])
     return "\n".join(rows)
-
-
-SEGMENT_COLORS = {
-    "weights: embeddings": "#1f77b4", "weights: attention": "#aec7e8", "weights: experts": "#ff7f0e",
-    "weights: shared experts": "#ffbb78", "weights: mlp": "#e377c2", "weights: router": "#2ca02c",
-    "weights: norms": "#98df8a", "weights: head": "#d62728", "weights: rope tables": "#ff9896",
-    "weights: other": "#7f7f7f", "cache (full context)": "#9467bd", "activations (first run)": "#c5b0d5",
-    "runtime overhead": "#8c564b", "interpreter + libraries": "#dbdb8d",
-}
-
-
-def plot_footprint(fps: list[dict], path: str | Path, title: str = "memory footprint") -> Path:
-    """Stacked bar per model folder (MiB), segments in a fixed order and colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    segs = [bar_segments(fp) for fp in fps]
-    keys = [k for k in SEGMENT_COLORS if any(k in s for s in segs)]
-    keys += [k for s in segs for k in s if k not in keys]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(fps) + 4), 5.5))
-    bottom = np.zeros(len(fps))
-    for k in keys:
-        vals = np.array([s.get(k, 0) / MIB for s in segs])
-        ax.bar(range(len(fps)), vals, bottom=bottom, label=k, color=SEGMENT_COLORS.get(k), width=0.7)
-        bottom += vals
-    for i, total in enumerate(bottom):
-        ax.text(i, total, f"{total:.0f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(fps)), [fp["label"] for fp in fps], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("MiB (RSS after decode, split)")
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

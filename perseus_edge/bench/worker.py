@@ -1,34 +1,28 @@
-"""One backend on one model with one thread count, in a process of its own, driven over a pipe.
+"""One model at one thread count in a process of its own, driven over a pipe by `perseus bench`.
 
     python -m perseus_edge.bench.worker      # reads JSON requests on stdin, answers JSON lines
 
-The harness (`harness.py`) starts one worker per (backend, model folder, threads) of a group and
-then asks them in turn for one repetition of each test, round after round, so machine noise (the
-benchmark machine is shared) hits every backend alike. Each worker has its own address space:
-its peak RSS is that backend's, and torch never shares a process with the ONNX runtime (an onnx
-worker does not import torch at all).
+Each worker has its own address space, so its peak RSS is that engine's with that model (the
+Python interpreter included, for both engines alike).
 
 Requests (one JSON object per line) and answers:
-    {"backend": "torch"|"onnx", "path": ..., "threads": 2, "prompt": [ids],
-     "spin": null | 0 | 1}  (first line; spin overrides the runtime's intra-op spinning choice)
-                                         -> {"ready": true, "load_s", "max_context", "cache_bytes"}
-    {"cmd": "pp", "n": 64}               -> {"tok_s": ...}   one forward over n prompt tokens,
-                                             empty cache: tok/s = n / time
-    {"cmd": "tg", "n": 32, "context": 900} -> {"tok_s": ...} n greedy decode steps after the first
-                                             `context` prompt tokens: tok/s = n / (sum of steps)
-    {"cmd": "stats"}                     -> {"peak_rss_bytes", "rss", "anon", "file", "cache_bytes"}
+    {"path": ..., "threads": 2, "prompt": [ids], "depth": 900}   first line: load the model and fill
+        its cache with prompt[:depth] (untimed)
+        -> {"ready": true, "backend", "version", "size_bytes", "params", "max_context", "load_s"}
+    {"cmd": "pp", "n": 256, "depth": 0}   -> {"tok_s"}  one batch prompt[depth:depth+n] at
+        positions depth.. (in 512-token chunks): tok/s = n / time
+    {"cmd": "tg", "n": 128, "depth": 900} -> {"tok_s"}  n one-token steps over prompt[depth:depth+n]
+    {"cmd": "stats"}                      -> {"peak_rss_bytes", "rss_bytes"}
 Failures answer {"error": "..."}; end of input ends the worker.
 
-Backends:
-  onnx   `perseus_edge.runtime.Model.forward`: the runtime's in-place IO binding on the folder's
-         graph (portable, ort-cpu or quantized) with `threads` intra-op threads
-  torch  `PerseusLM.forward(ids, cache)` in eager mode on the CPU, `torch.set_num_threads(threads)`:
-         the naive baseline, its latent (or K/V) cache grown by concatenation every step
-         (OpenMP settings such as OMP_WAIT_POLICY come from the environment the harness sets)
+Generation is teacher-forced: every step feeds the prompt's next token, as llama-bench feeds
+tokens it does not sample. Both engines thus read the same ids, and every test writes the same
+tokens at the same positions, so the cache rows below any depth always hold prompt[:depth]:
+the ONNX cache never needs restoring; llama.cpp's cache drops its cells past the depth first.
 
-The prefill before a tg test is done once per context and reused: the ONNX worker keeps a copy
-of the prefilled cache rows and puts them back before each repetition (untimed), the torch
-cache tensors are immutable (each step concatenates into new ones).
+Backends, chosen by what the path is:
+  onnxruntime  a model folder: `perseus_edge.runtime.Model.forward` (in-place IO binding)
+  llama.cpp    a .gguf file: llama-cpp-python's low-level API (`llama_decode`), `llama.py`
 """
 
 from __future__ import annotations
@@ -37,126 +31,87 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-
-def rss_now() -> dict:
-    """Resident set of this process: total, anonymous and file-backed bytes, and the high-water
-    mark `peak` (Linux /proc; 0 elsewhere).
-
-    The peak is VmHWM, the high-water mark of this process image's own memory map. Not
-    getrusage's ru_maxrss: Linux carries that across fork + exec, so a worker started by a
-    parent that had imported torch would report the parent's peak as its own.
-    """
-    from perseus_edge.runtime.timings import proc_status_bytes
-
-    status = proc_status_bytes("VmRSS", "RssAnon", "RssFile", "VmHWM")
-    keys = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "VmHWM": "peak"}
-    return {ours: status.get(field, 0) for field, ours in keys.items()}
+CHUNK = 512  # prompt tokens per forward call (the runtime's prefill chunk; llama.cpp's n_ubatch)
 
 
 class OnnxBackend:
-    name = "onnx"
+    name = "onnxruntime"
 
-    def __init__(self, path: str, threads: int, spin: int | None = None):
+    def __init__(self, path: str, threads: int, prompt: np.ndarray):
+        import onnxruntime
+
         from perseus_edge.runtime.model import Model
 
-        # spin: threading-policy experiment, overriding the runtime's spinning choice
-        config = None if spin is None else {"session.intra_op.allow_spinning": str(int(spin))}
-        self.model = Model(path, threads=threads, verify=False, session_config=config)
+        self.model = Model(path, threads=threads, verify=False)
+        self.version = onnxruntime.__version__
         self.max_context = self.model.max_context
-        self.cache_bytes = self.model.cache.nbytes
+        graph = self.model.folder.graph
+        self.size_bytes = sum(p.stat().st_size for p in graph.parent.glob(graph.name + "*"))
+        self.params = self.model.config.param_counts()["total"]
+        self.n_vocab = self.model.config.vocab_size
+        self.ids = prompt[None, :]
 
-    def prefill(self, ids: np.ndarray):
-        """ids [1, T] from position 0 in the runtime's 512-token chunks -> (last logits, state)."""
-        for s in range(0, ids.shape[1], 512):
-            logits = self.model.forward(ids[:, s:s + 512], s)
-        rows = ids.shape[1]
-        return logits[0, -1].copy(), [a[:, :rows].copy() for a in self.model.cache.arrays]
+    def reset(self, depth: int) -> None:
+        """Nothing to do: rows past `depth` are masked by the graph and rewritten by the test."""
 
-    def restore(self, state) -> None:
-        """Put back the prefilled rows (another test may have overwritten them); not timed."""
-        for a, saved in zip(self.model.cache.arrays, state):
-            a[:, :saved.shape[1]] = saved
-
-    def step(self, token: int, position: int, state):
-        return self.model.forward(np.asarray([[token]], dtype=np.int64), position)[0, -1], state
-
-
-class TorchBackend:
-    name = "torch"
-
-    def __init__(self, path: str, threads: int):
-        import torch
-
-        from perseus_edge.checkpoint import load_checkpoint
-
-        torch.set_num_threads(threads)
-        self.torch = torch
-        self.model, _ = load_checkpoint(path, verify=False)
-        self.max_context = self.model.cfg.max_position_embeddings
-        self.cache_bytes = 0
-
-    def prefill(self, ids: np.ndarray):
-        with self.torch.inference_mode():
-            logits, cache = self.model(self.torch.from_numpy(np.ascontiguousarray(ids)), use_cache=True)
-        self.cache_bytes = sum(t.numel() * t.element_size() for layer in cache for t in layer)
-        return logits[0, -1].numpy(), cache
-
-    def restore(self, state) -> None:
-        pass  # the cache tensors are never modified in place
-
-    def step(self, token: int, position: int, state):
-        with self.torch.inference_mode():
-            logits, cache = self.model(self.torch.tensor([[token]]), state)
-        return logits[0, -1].numpy(), cache
+    def forward(self, start: int, stop: int) -> None:
+        """prompt[start:stop] at positions start..; the graph writes their cache rows in place."""
+        self.model.forward(self.ids[:, start:stop], start)
 
 
 class Worker:
     def __init__(self, spec: dict):
         self.prompt = np.asarray(spec["prompt"], dtype=np.int64)
+        path, threads, depth = spec["path"], int(spec["threads"]), int(spec.get("depth", 0))
         t0 = time.perf_counter()
-        if spec["backend"] == "torch":
-            self.backend = TorchBackend(spec["path"], int(spec["threads"]))
+        if Path(path).is_file():
+            from perseus_edge.bench.llama import LlamaCppBackend
+
+            self.backend = LlamaCppBackend(path, threads, n_ctx=len(self.prompt), prompt=self.prompt)
         else:
-            self.backend = OnnxBackend(spec["path"], int(spec["threads"]), spec.get("spin"))
+            self.backend = OnnxBackend(path, threads, self.prompt)
+        if len(self.prompt) and int(self.prompt.max()) >= self.backend.n_vocab:
+            raise ValueError(f"prompt token {int(self.prompt.max())} is outside the model's vocabulary "
+                             f"of {self.backend.n_vocab}")
+        if depth:
+            self.backend.reset(0)
+            self.run(0, depth)
         self.load_s = time.perf_counter() - t0
-        self.prefilled: dict[int, tuple] = {}
 
-    def pp(self, n: int) -> float:
-        if n > len(self.prompt) or n > self.backend.max_context:
-            raise ValueError(f"pp{n} needs {n} prompt tokens within the context {self.backend.max_context}")
+    def run(self, start: int, n: int, step: int = CHUNK) -> float:
+        """prompt[start:start+n] through the model, `step` tokens per call; seconds taken."""
+        forward, stop = self.backend.forward, start + n
         t0 = time.perf_counter()
-        self.backend.prefill(self.prompt[None, :n])
-        return n / (time.perf_counter() - t0)
+        for s in range(start, stop, step):
+            forward(s, min(s + step, stop))
+        return time.perf_counter() - t0
 
-    def tg(self, n: int, context: int) -> float:
-        if context < 1 or context + n > self.backend.max_context or context > len(self.prompt):
-            raise ValueError(f"tg{n} at context {context} does not fit (model context "
-                             f"{self.backend.max_context}, prompt {len(self.prompt)} tokens)")
-        if context not in self.prefilled:
-            self.prefilled[context] = self.backend.prefill(self.prompt[None, :context])
-        logits, state = self.prefilled[context]
-        self.backend.restore(state)
-        elapsed = 0.0
-        for i in range(n):
-            token = int(np.argmax(logits))  # greedy, outside the timed call
-            t0 = time.perf_counter()
-            logits, state = self.backend.step(token, context + i, state)
-            elapsed += time.perf_counter() - t0
-        return n / elapsed
+    def test(self, kind: str, n: int, depth: int) -> float:
+        if depth + n > min(len(self.prompt), self.backend.max_context):
+            raise ValueError(f"{kind}{n} at depth {depth} needs {depth + n} positions; the model holds "
+                             f"{self.backend.max_context}")
+        self.backend.reset(depth)
+        return n / self.run(depth, n, CHUNK if kind == "pp" else 1)
 
     def handle(self, req: dict) -> dict:
         cmd = req.get("cmd")
-        if cmd == "pp":
-            return {"tok_s": self.pp(int(req["n"]))}
-        if cmd == "tg":
-            return {"tok_s": self.tg(int(req["n"]), int(req["context"]))}
+        if cmd in ("pp", "tg"):
+            return {"tok_s": self.test(cmd, int(req["n"]), int(req.get("depth", 0)))}
         if cmd == "stats":
-            now = rss_now()
-            return {"peak_rss_bytes": now["peak"], **now, "cache_bytes": int(self.backend.cache_bytes)}
+            from perseus_edge.runtime.timings import proc_status_bytes
+
+            status = proc_status_bytes("VmHWM", "VmRSS")
+            return {"peak_rss_bytes": status.get("VmHWM", 0), "rss_bytes": status.get("VmRSS", 0)}
         raise ValueError(f"unknown request {req!r}")
+
+    def ready(self) -> dict:
+        b = self.backend
+        return {"ready": True, "backend": b.name, "version": b.version, "size_bytes": int(b.size_bytes),
+                "params": int(b.params), "max_context": int(b.max_context), "load_s": self.load_s}
 
 
 def serve(stdin=None, out=None) -> None:
@@ -174,18 +129,22 @@ def serve(stdin=None, out=None) -> None:
         return
     try:
         worker = Worker(json.loads(line))
-    except Exception as e:  # noqa: BLE001 - reported to the harness, which names the job
-        answer({"error": f"{type(e).__name__}: {e}"})
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which names the model
+        answer({"error": _message(e)})
         return
-    answer({"ready": True, "load_s": worker.load_s, "max_context": worker.backend.max_context,
-            "cache_bytes": int(worker.backend.cache_bytes), **rss_now()})
+    answer(worker.ready())
     for line in stdin:
         if not line.strip():
             continue
         try:
             answer(worker.handle(json.loads(line)))
         except Exception as e:  # noqa: BLE001
-            answer({"error": f"{type(e).__name__}: {e}"})
+            answer({"error": _message(e)})
+
+
+def _message(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -2,17 +2,17 @@
 
 On the GPU machine (repo checkout, torch with CUDA):
 
-    python perseus_edge/bench/gpu_reference.py --checkpoint perseus_edge/assets/default \\
+    python studies/cpu/gpu_reference.py --checkpoint perseus_edge/assets/default \\
         --device cuda --compile --out gpu_reference.json
     # -> gpu_reference.json (tok/s for pp / tg, eager and compiled) and gpu_reference.npz (logits)
 
 Back on the CPU machine, parity of the GPU logits against the torch-free ONNX runtime:
 
-    python perseus_edge/bench/gpu_reference.py --compare gpu_reference.npz --onnx MODEL_DIR [--onnx MODEL_DIR2 ...]
+    python studies/cpu/gpu_reference.py --compare gpu_reference.npz --onnx MODEL_DIR [--onnx MODEL_DIR2 ...]
 
 Here (no GPU), the CPU side of the same check, PyTorch eager on the CPU vs the ONNX runtime:
 
-    python perseus_edge/bench/gpu_reference.py --checkpoint perseus_edge/assets/default --device cpu \\
+    python studies/cpu/gpu_reference.py --checkpoint perseus_edge/assets/default --device cpu \\
         --onnx MODEL_DIR --out studies/results/cpu/parity.json
 
 Timing: `torch_speed` runs every test once untimed (for torch.compile: compilation and its
@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the package importable from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: make the checkout's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def make_prompts(tokenizer_path: str | Path, n_prompts: int, length: int) -> list[list[int]]:
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from perseus_edge.bench.harness import DEFAULT_CHECKPOINT
+    from studies.cpu.harness import DEFAULT_CHECKPOINT
     from perseus_edge.bench.prompts import prompt_ids
     from perseus_edge.checkpoint import load_checkpoint
 

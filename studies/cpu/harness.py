@@ -1,6 +1,7 @@
-"""`perseus bench`: prepare the models, time every backend/variant, write JSON, tables and plots.
+"""The CPU study: prepare the models, time every backend/variant, write JSON, tables and plots.
 
-    from perseus_edge.bench.harness import BenchConfig, run_bench
+    python -m studies.cpu.harness [--quick] [--out DIR]       # from the repository root
+    from studies.cpu.harness import BenchConfig, run_bench
     run_bench(BenchConfig(out_dir="studies/results/cpu"))               # the full benchmark
     run_bench(BenchConfig.quick_config(out_dir="/tmp/b"))              # --quick
 
@@ -36,7 +37,8 @@ from typing import Callable
 
 from perseus_edge.errors import PerseusError
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "default"
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: studies.cpu.worker is imported from it
+DEFAULT_CHECKPOINT = ROOT / "perseus_edge" / "assets" / "default"
 ARCHS = ("mha", "mla-dense", "moe-mla-rope", "mha-moe")
 TARGETS = ("portable", "ort-cpu")
 SCHEMES = ("int8", "int4")
@@ -223,10 +225,11 @@ class WorkerProcess:
 
     def __init__(self, backend: str, path: Path, threads: int, prompt: list[int], env: dict | None = None,
                  spin: int | None = None):
+        path_env = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   OPENBLAS_NUM_THREADS="1", **(env or {}))
+                   OPENBLAS_NUM_THREADS="1", PYTHONPATH=path_env, **(env or {}))
         self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr (a pipe could fill and block)
-        self.proc = subprocess.Popen([sys.executable, "-m", "perseus_edge.bench.worker"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "studies.cpu.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         self.ready = self.ask({"backend": backend, "path": str(path), "threads": threads, "prompt": prompt,
                                "spin": spin})
@@ -441,7 +444,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
               "records": records,
               "subjects": [_subject_json(s) for s in _unique(subjects + arch_subjects)]}
     if cfg.roofline:
-        from perseus_edge.bench.roofline import measure_peaks
+        from studies.cpu.roofline import measure_peaks
 
         log("  roofline peaks")
         result["peaks"] = measure_peaks(tuple(sorted(set(cfg.threads + cfg.arch_threads))), quick=cfg.quick)
@@ -472,7 +475,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
                                   "target": t, "variant": v})
         result["op_profile"] = profs
     if cfg.parity and cfg.torch:
-        from perseus_edge.bench.gpu_reference import cpu_parity
+        from studies.cpu.gpu_reference import cpu_parity
 
         log("  parity: PyTorch CPU vs ONNX runtime")
         result["parity"] = [cpu_parity(s.checkpoint, {f"{t} {v}": p for (t, v), p in sorted(s.folders.items())},
@@ -480,7 +483,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
     result["meta"]["loadavg_end"] = _loadavg()
     result["meta"]["wall_s"] = time.perf_counter() - t_start
     log("4/4 report")
-    from perseus_edge.bench.report import write_report
+    from studies.cpu.report import write_report
 
     write_report(result, out_dir)
     log(f"done in {result['meta']['wall_s'] / 60:.1f} min: {out_dir}/bench.json, README.md, plots")
@@ -519,7 +522,7 @@ def _jsonable(x):
 def roofline_rows(records: list[dict], subjects: list[Subject], peaks: dict) -> list[dict]:
     """Every tg record against the roofline bound of its decode step."""
     from perseus_edge.bench.graphinfo import decode_cost
-    from perseus_edge.bench.roofline import roofline
+    from studies.cpu.roofline import roofline
 
     by_label = {s.label: s for s in subjects}
     rows, costs = [], {}
@@ -546,3 +549,53 @@ def roofline_rows(records: list[dict], subjects: list[Subject], peaks: dict) -> 
                        "fraction_best": r["tok_s_max"] / bound["tok_s"],
                        "intensity": bound["intensity"]})
     return rows
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m studies.cpu.harness", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", help="bench.json, README.md, plots (default studies/results/cpu; "
+                                  "with --quick /tmp/perseus-bench-quick)")
+    ap.add_argument("--work-dir", help="exports, quantized folders, random checkpoints (default /tmp/perseus-bench)")
+    ap.add_argument("--quick", action="store_true", help="smaller matrix: 2 threads, pp64, tg16 @16/@900, 3 reps")
+    ap.add_argument("--model", action="append", default=[], help="NAME=SOURCE (checkpoint folder or random:PRESET)")
+    ap.add_argument("--archs", help="architectures to compare (comma list, or 'none')")
+    ap.add_argument("--arch-preset", default="54m")
+    ap.add_argument("--threads", type=_ints)
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--pp", type=_ints)
+    ap.add_argument("--tg", type=int)
+    ap.add_argument("--contexts", type=_ints)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-analysis", action="store_true", help="skip roofline, footprint, op profiles, parity")
+    a = ap.parse_args(argv)
+    out = a.out or (str(Path(tempfile.gettempdir()) / "perseus-bench-quick") if a.quick else "studies/results/cpu")
+    kw: dict = {"out_dir": out, "command": "python -m studies.cpu.harness " + " ".join(sys.argv[1:] if argv is None else argv)}
+    if a.work_dir:
+        kw["work_dir"] = a.work_dir
+    if a.model:
+        kw["models"] = dict(m.split("=", 1) for m in a.model)
+    if a.archs is not None:
+        names = [] if a.archs.strip().lower() == "none" else [x.strip() for x in a.archs.split(",") if x.strip()]
+        kw["archs"] = {x: f"random:{a.arch_preset}" for x in names}
+    elif a.arch_preset != "54m":
+        kw["archs"] = {x: f"random:{a.arch_preset}" for x in ARCHS}
+    if a.threads:
+        kw["threads"] = kw["arch_threads"] = a.threads
+    for name in ("reps", "pp", "tg", "contexts"):
+        if getattr(a, name) is not None:
+            kw[name] = getattr(a, name)
+    if a.no_torch:
+        kw["torch"] = False
+    if a.no_analysis:
+        kw.update(roofline=False, footprint=False, op_profile=False, parity=False)
+    run_bench(BenchConfig.quick_config(**kw) if a.quick else BenchConfig(**kw))
+
+
+if __name__ == "__main__":
+    main()

@@ -274,7 +274,7 @@ def _omp_note(records: list[dict]) -> str:
     return (f" (threading group of this run, {a['model'].split(' (')[0]} {test_name(a)} at {a['threads']} threads: OMP active "
             f"{a['tok_s_median']:.0f} t/s [{a['tok_s_min']:.0f}–{a['tok_s_max']:.0f}], passive "
             f"{p['tok_s_median']:.0f} [{p['tok_s_min']:.0f}–{p['tok_s_max']:.0f}]; under heavier load active "
-            "spin-waiting collapsed to a few t/s, bench/README.md)")
+            "spin-waiting collapsed to a few t/s, studies/cpu/README.md)")
 
 
 def _bound_note(result: dict) -> str:
@@ -518,7 +518,7 @@ def readme(result: dict) -> str:
         f"{meta.get('wall_s', 0) / 60:.1f} min wall time. Machine: {m.get('cpu', '?')}, {m.get('cpus')} CPUs "
         f"(AVX-512 VNNI: {m.get('avx512_vnni')}), {m.get('platform')}; onnxruntime {m.get('onnxruntime')}, "
         f"torch {m.get('torch')}, numpy {m.get('numpy')}. Everything here is computed from `bench.json` by "
-        "`perseus_edge/bench/report.py`; a rerun rewrites this file.",
+        "`studies/cpu/report.py`; a rerun rewrites this file.",
         "",
         "**Noise.** The machine is shared with other jobs: the 1-minute load average during the timing groups "
         f"ranged {min(loads, default=0):.1f} – {max(loads, default=0):.1f} on 2 cores. Every test ran "
@@ -539,8 +539,8 @@ def readme(result: dict) -> str:
         f"{meta.get('command') or 'perseus bench --out studies/results/cpu'}   # this file (~6-10 min on 2 shared cores, +3 min the first time)",
         "perseus bench --quick                            # smaller matrix -> /tmp/perseus-bench-quick, 1-7 min",
         "perseus profile /tmp/perseus-bench/54m-[0-9a-f]*/ort-cpu{,-int8,-int4} --out /tmp/prof   # footprint + op profile",
-        "python -m perseus_edge.bench.report studies/results/cpu/bench.json   # README + plots from the JSON again",
-        "python perseus_edge/bench/gpu_reference.py --device cpu --onnx MODEL_DIR --out /tmp/parity.json --no-speed",
+        "python -m studies.cpu.report studies/results/cpu/bench.json   # README + plots from the JSON again",
+        "python studies/cpu/gpu_reference.py --device cpu --onnx MODEL_DIR --out /tmp/parity.json --no-speed",
         "python -m pytest tests/test_bench.py",
         "```",
         "",
@@ -577,7 +577,7 @@ def readme(result: dict) -> str:
         "`ORT spin off (runtime default)` = `perseus_edge.runtime` as shipped (`session.intra_op.allow_spinning` "
         "off, chosen from this comparison); `ORT spin` = the same session with spinning on. How much spinning costs depends "
         "on what else runs at that moment: when the second core is busy, a spinning thread competes with the "
-        "thread that has work (exploratory runs at load ~4-5 in bench/README.md).",
+        "thread that has work (exploratory runs at load ~4-5 in studies/cpu/README.md).",
         "",
         threading_table(recs),
         "",
@@ -634,10 +634,10 @@ def readme(result: dict) -> str:
         lines += ["(op and scope tables of every profile: `op_profile` in bench.json)", ""]
     lines += ["## Parity: PyTorch (CPU) vs the ONNX runtime", "",
               "Same prompts (validation text) for both; the runtime is teacher-forced on PyTorch's greedy tokens. "
-              "The CPU side of `perseus_edge/bench/gpu_reference.py`.", "",
+              "The CPU side of `studies/cpu/gpu_reference.py`.", "",
               parity_table(result), "",
               "## Pending", "",
-              "- **GPU reference** (`perseus_edge/bench/gpu_reference.py`: PyTorch eager and torch.compile on CUDA, tok/s and "
+              "- **GPU reference** (`studies/cpu/gpu_reference.py`: PyTorch eager and torch.compile on CUDA, tok/s and "
               "logits for parity against this runtime): written, not run — no GPU time was left for this session. "
               "No GPU numbers are reported here."]
     if not meta.get("quantizer"):
@@ -663,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m perseus_edge.bench.report RESULTS_DIR/bench.json")
+        raise SystemExit("usage: python -m studies.cpu.report RESULTS_DIR/bench.json")
     path = Path(argv[0])
     write_report(json.loads(path.read_text()), path.parent)
 
@@ -676,7 +676,6 @@ def write_report(result: dict, out_dir: str | Path) -> dict:
     paths["context"] = plot_context(result["records"], out / PLOTS["context"])
     paths["memory"] = plot_memory(result, out / PLOTS["memory"])
     if result.get("footprint"):
-        from perseus_edge.bench.footprint import plot_footprint
 
         paths["footprint"] = plot_footprint(result["footprint"], out / PLOTS["footprint"])
     a = plot_arch(arch_rows(result), out / PLOTS["arch"])
@@ -689,3 +688,40 @@ def write_report(result: dict, out_dir: str | Path) -> dict:
 
 if __name__ == "__main__":
     main()
+
+SEGMENT_COLORS = {
+    "weights: embeddings": "#1f77b4", "weights: attention": "#aec7e8", "weights: experts": "#ff7f0e",
+    "weights: shared experts": "#ffbb78", "weights: mlp": "#e377c2", "weights: router": "#2ca02c",
+    "weights: norms": "#98df8a", "weights: head": "#d62728", "weights: rope tables": "#ff9896",
+    "weights: other": "#7f7f7f", "cache (full context)": "#9467bd", "activations (first run)": "#c5b0d5",
+    "runtime overhead": "#8c564b", "interpreter + libraries": "#dbdb8d",
+}
+
+
+def plot_footprint(fps: list[dict], path: str | Path, title: str = "memory footprint") -> Path:
+    """Stacked bar per model folder (MiB), segments in a fixed order and colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    segs = [bar_segments(fp) for fp in fps]
+    keys = [k for k in SEGMENT_COLORS if any(k in s for s in segs)]
+    keys += [k for s in segs for k in s if k not in keys]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(fps) + 4), 5.5))
+    bottom = np.zeros(len(fps))
+    for k in keys:
+        vals = np.array([s.get(k, 0) / MIB for s in segs])
+        ax.bar(range(len(fps)), vals, bottom=bottom, label=k, color=SEGMENT_COLORS.get(k), width=0.7)
+        bottom += vals
+    for i, total in enumerate(bottom):
+        ax.text(i, total, f"{total:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(fps)), [fp["label"] for fp in fps], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("MiB (RSS after decode, split)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
