@@ -4,7 +4,7 @@ One graph serves prefill and decode (the contract in `perseus_edge.modelfile`):
 
     input_ids [B,T], position [B], past.{i}.* [B,C,w]  ->  logits [B,T,V], present.{i}.* [B,C,w]
 
-Per layer: RMSNorm -> projections -> perseus.LatentAttention | perseus.Attention -> o_proj ->
+Per layer: RMSNorm -> projections (one GEMM, split) -> perseus.LatentAttention | perseus.Attention -> o_proj ->
 residual -> RMSNorm -> perseus.MoE (+ shared-expert MLP) | SwiGLU MLP -> residual. The weight
 matmuls stay in the main graph, where stock quantizers find them; the custom ops hold the parts
 that are specific to this model family (latent-KV attention, routing).
@@ -44,11 +44,15 @@ def build(cfg: ModelConfig, weights: dict[str, np.ndarray], max_context: int) ->
             outputs.append(value_info(mf.present_name(i, slot), np.float32, ["batch", max_context, width]))
 
     x = b.Gather(w("embed_tokens"), mf.INPUT_IDS, _name="embeddings")
+    # absolute position of every new token [B, T], computed once and shared by every layer's op
+    tokens = b.Squeeze(b.Shape(mf.INPUT_IDS, start=1, end=2))
+    offsets = b.Range(b.Constant(value_int=0), tokens, b.Constant(value_int=1))
+    positions = b.Add(b.Unsqueeze(mf.POSITION, b.const([1])), offsets, _name="position_ids")
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."
         h = b.RMSNormalization(x, w(p + "input_norm"), epsilon=cfg.rms_norm_eps, _name=p + "attn_in")
         attend = _latent_attention if cfg.is_mla else _attention
-        x = b.Add(x, b.MatMul(attend(b, w, cfg, i, h), w(p + "attn.o_proj")), _name=p + "resid_attn")
+        x = b.Add(x, b.MatMul(attend(b, w, cfg, i, h, positions), w(p + "attn.o_proj")), _name=p + "resid_attn")
         h = b.RMSNormalization(x, w(p + "post_norm"), epsilon=cfg.rms_norm_eps, _name=p + "mlp_in")
         x = b.Add(x, _moe(b, w, cfg, i, h) if cfg.layer_is_moe(i) else _mlp(b, w, p + "mlp.", h),
                   _name=p + "resid_mlp")
@@ -69,30 +73,38 @@ def build(cfg: ModelConfig, weights: dict[str, np.ndarray], max_context: int) ->
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(mf.PERSEUS_DOMAIN, 1)])
 
 
-def _latent_attention(b: Builder, w, cfg: ModelConfig, i: int, h: str) -> str:
+def _latent_attention(b: Builder, w, cfg: ModelConfig, i: int, h: str, positions: str) -> str:
+    """One GEMM for every projection of h (query | kv_a, or q_a | kv_a), split by width."""
     p = f"layers.{i}.attn."
+    heads, nope, rope, rank = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                               cfg.kv_lora_rank)
+    q_widths = [heads * nope, heads * rope]
     if cfg.q_lora_rank:
-        q_a = b.MatMul(h, w(p + "q_a_proj"))
-        q = b.MatMul(b.RMSNormalization(q_a, w(p + "q_a_norm"), epsilon=cfg.rms_norm_eps), w(p + "q_b_proj"))
+        q_a, c_kv, k_rope = b.Split(b.MatMul(h, w(p + "q_a_kv_a_proj"), _name=p + "q_a_kv_a"),
+                                    b.const([cfg.q_lora_rank, rank, rope]), axis=-1, _outputs=3)
+        q_a = b.RMSNormalization(q_a, w(p + "q_a_norm"), epsilon=cfg.rms_norm_eps)
+        q_nope, q_rope = b.Split(b.MatMul(q_a, w(p + "q_b_proj"), _name=p + "q"), b.const(q_widths),
+                                 axis=-1, _outputs=2)
     else:
-        q = b.MatMul(h, w(p + "q_proj"), _name=p + "q")
-    kv = b.MatMul(h, w(p + "kv_a_proj"), _name=p + "kv_a")
-    c_kv, k_rope = mf.cache_slots(True)
+        q_nope, q_rope, c_kv, k_rope = b.Split(b.MatMul(h, w(p + "q_kv_a_proj"), _name=p + "q_kv_a"),
+                                               b.const(q_widths + [rank, rope]), axis=-1, _outputs=4)
+    c_kv_slot, k_rope_slot = mf.cache_slots(True)
     out, *_ = b.op(
-        mf.OP_LATENT_ATTENTION, q, kv, mf.POSITION, w("rope.cos"), w("rope.sin"),
-        mf.past_name(i, c_kv), mf.past_name(i, k_rope), w(p + "kv_norm"), w(p + "w_uk"), w(p + "w_uv"),
-        _domain=mf.PERSEUS_DOMAIN,
-        _outputs=[p + "out", mf.present_name(i, c_kv), mf.present_name(i, k_rope)],
-        scale=cfg.qk_head_dim ** -0.5, epsilon=cfg.rms_norm_eps)
+        mf.OP_LATENT_ATTENTION, q_nope, q_rope, c_kv, k_rope, positions, w("rope.cos"), w("rope.sin"),
+        mf.past_name(i, c_kv_slot), mf.past_name(i, k_rope_slot), w(p + "kv_norm"), w(p + "w_uk"),
+        w(p + "w_uv"), _domain=mf.PERSEUS_DOMAIN,
+        _outputs=[p + "out", mf.present_name(i, c_kv_slot), mf.present_name(i, k_rope_slot)],
+        num_heads=heads, scale=cfg.qk_head_dim ** -0.5, epsilon=cfg.rms_norm_eps)
     return out
 
 
-def _attention(b: Builder, w, cfg: ModelConfig, i: int, h: str) -> str:
+def _attention(b: Builder, w, cfg: ModelConfig, i: int, h: str, positions: str) -> str:
     p = f"layers.{i}.attn."
     key, value = mf.cache_slots(False)
-    q, k, v = (b.MatMul(h, w(p + name), _name=p + name[0]) for name in ("q_proj", "k_proj", "v_proj"))
+    q, k, v = b.Split(b.MatMul(h, w(p + "qkv_proj"), _name=p + "qkv"), b.const([cfg.hidden_size] * 3),
+                      axis=-1, _outputs=3)
     out, *_ = b.op(
-        mf.OP_ATTENTION, q, k, v, mf.POSITION, w("rope.cos"), w("rope.sin"),
+        mf.OP_ATTENTION, q, k, v, positions, w("rope.cos"), w("rope.sin"),
         mf.past_name(i, key), mf.past_name(i, value), _domain=mf.PERSEUS_DOMAIN,
         _outputs=[p + "out", mf.present_name(i, key), mf.present_name(i, value)],
         num_heads=cfg.num_attention_heads, scale=cfg.head_dim ** -0.5)
@@ -100,8 +112,11 @@ def _attention(b: Builder, w, cfg: ModelConfig, i: int, h: str) -> str:
 
 
 def _mlp(b: Builder, w, p: str, h: str) -> str:
-    """SwiGLU: down(silu(gate(h)) * up(h)); a dense layer or the fused shared experts."""
-    act = b.Mul(b.Swish(b.MatMul(h, w(p + "gate_proj"))), b.MatMul(h, w(p + "up_proj")), _name=p + "act")
+    """SwiGLU: down(silu(gate(h)) * up(h)); a dense layer or the fused shared experts.
+    gate and up are one GEMM ([d, 2F], gate columns first)."""
+    gate, up = b.Split(b.MatMul(h, w(p + "gate_up_proj"), _name=p + "gate_up"), num_outputs=2, axis=-1,
+                       _outputs=2)
+    act = b.Mul(b.Swish(gate), up, _name=p + "act")
     return b.MatMul(act, w(p + "down_proj"), _name=p + "out")
 
 

@@ -5,10 +5,9 @@ A function keeps the op visible by name (`perseus.LatentAttention`, `perseus.MoE
 tells any ONNX runtime how to execute it: stock onnxruntime inlines the body, no plug-in needed.
 The `lower` stage may replace an op with faster runtime-specific kernels.
 
-Shapes: B batch, T new tokens, C max_context (cache rows),
-H heads; position [B] is each row's absolute position of its first new token, S = max(position)
-+ T the cache rows attention reads. Sizes are read from the inputs' shapes; attributes hold what
-shapes cannot tell.
+Shapes: B batch, T new tokens, C max_context (cache rows), H heads; position_ids [B,T] are the
+absolute positions of the new tokens (rows may differ), S = max(position_ids) + 1 the cache rows
+attention reads. Sizes are read from the inputs' shapes; attributes hold what shapes cannot tell.
 """
 
 from __future__ import annotations
@@ -27,29 +26,29 @@ INT = AttributeProto.INT
 def dim(b: Builder, x: str, axis: int) -> str:
     """Size of one axis of `x` as a 1-D int64 tensor of one element.
 
-    On an initializer (a weight passed in) onnxruntime folds this to a constant at load time;
-    on an activation it is a runtime op, so the bodies read those sizes once (`Step`).
+    On an initializer (a weight passed in) onnxruntime folds this to a constant at load time.
     """
     return b.Shape(x, start=-1) if axis == -1 else b.Shape(x, start=axis, end=axis + 1)
 
 
 class Step:
-    """Where the T new tokens of `new` [B, T, ...] go; computed once per op call.
+    """Where the T new tokens go, from `position_ids` [B, T] (absolute position of every new token).
 
-    `position` [B] holds each row's absolute position of its first new token: rows of a batch
-    may be at different points of their sequences (a server decoding several requests).
-    position_ids [B, T] are the absolute positions of every new token (for RotaryEmbedding);
-    write_at [B] is TensorScatter's per-row write index; valid [1] is S = max(position) + T, the
-    number of cache rows attention reads (rows beyond a row's own position + T are masked);
-    tokens [1] is T.
+    Rows of a batch may be at different points of their sequences (a server decoding several
+    requests). write_at [B] is TensorScatter's per-row write index (each row's first position);
+    valid [1] is S = max(position_ids) + 1, the cache rows attention reads; mask [B, T, 1, S] is
+    True where key s is visible to query t of row b (s <= position_ids[b, t]).
+    Every node here reads only `position_ids`, the same graph value in every layer, so
+    onnxruntime's common-subexpression elimination computes them once per step, not per layer.
     """
 
-    def __init__(self, b: Builder, new: str):
-        self.tokens = dim(b, new, 1)
-        offsets = b.Range(b.const(0), b.Squeeze(self.tokens), b.const(1))  # [T]
-        self.position_ids = b.Add(b.Unsqueeze("position", b.const([1])), offsets, _name="position_ids")
-        self.write_at = "position"
-        self.valid = b.Add(b.ReduceMax("position", keepdims=1), self.tokens, _name="valid_len")
+    def __init__(self, b: Builder):
+        pid = "position_ids"
+        self.write_at = b.Gather(pid, b.Constant(value_int=0), axis=1, _name="write_at")
+        last = b.Add(b.ReduceMax(pid, keepdims=0), b.Constant(value_int=1), _name="valid_len")
+        self.valid = b.Unsqueeze(last, b.const([0]))
+        keys = b.Range(b.Constant(value_int=0), last, b.Constant(value_int=1))  # [S]
+        self.mask = b.LessOrEqual(keys, b.Unsqueeze(pid, b.const([2, 3])), _name="causal_mask")
 
 
 def write_cache(b: Builder, step: Step, past: str, new: str, present: str) -> str:
@@ -63,79 +62,62 @@ def write_cache(b: Builder, step: Step, past: str, new: str, present: str) -> st
     return b.Slice(present, b.const([0]), step.valid, b.const([1]), _name="valid")
 
 
-def causal_mask(b: Builder, step: Step) -> str:
-    """[B, 1, T, S] bool: key s is visible to query t of row b iff s <= position[b] + t."""
-    keys = b.Range(b.const(0), b.Squeeze(step.valid), b.const(1))  # [S]
-    visible = b.LessOrEqual(keys, b.Unsqueeze(step.position_ids, b.const([-1])))  # [B,T,S]
-    return b.Unsqueeze(visible, b.const([1]), _name="causal_mask")
-
-
-def causal_softmax(b: Builder, step: Step, scores: str) -> str:
-    """Softmax over keys of scores [B, H, T, S], masked by `causal_mask`."""
-    masked = b.Where(causal_mask(b, step), scores, b.const(-np.inf, np.float32))
-    return b.Softmax(masked, axis=-1, _name="probs")
-
-
 # ----------------------------------------------------------------------------- the ops
 def latent_attention() -> onnx.FunctionProto:
     """perseus.LatentAttention: MLA over the latent cache, in the weight-absorbed form.
 
-    inputs   q [B,T,H*(nope+rope)]  the query projection, per head [nope | rope]
-             kv [B,T,r+rope]         kv_a_proj output: latent c_kv (before its norm) | k_rope
-             position [B], cos_cache / sin_cache [C, rope/2]
+    inputs   q_nope [B,T,H*nope], q_rope [B,T,H*rope]   the query, head by head
+             c_kv [B,T,r] (before its norm), k_rope [B,T,rope]   the kv_a projection
+             position_ids [B,T], cos_cache / sin_cache [C, rope/2]
              past_c_kv [B,C,r], past_k_rope [B,C,rope]
              kv_norm [r], w_uk [H,nope,r], w_uv [H,r,v]   (the per-head blocks of kv_b_proj)
     outputs  out [B,T,H*v] (before o_proj), present_c_kv, present_k_rope
-    attrs    scale (softmax scale, qk_head_dim^-0.5), epsilon (of the kv norm)
+    attrs    num_heads, scale (softmax scale, qk_head_dim^-0.5), epsilon (of the kv norm)
 
     Keys and values are never expanded per head: W_UK maps each query head into the latent
     space (q_lat = q_nope W_UK), scores are q_lat.c_kv + q_rope.k_rope over the cache as stored,
     and W_UV maps the attended latent back to the head's value space. All heads share the one
-    latent key, so heads and tokens fold into the rows of one GEMM per cache part.
-    Head count and widths come from the weights' shapes.
+    latent key, so tokens and heads fold into the rows ([B, T*H, .]) of one GEMM per cache part.
+    The four query/key inputs come from one projection (a single GEMM and Split in the graph).
     """
     b = Builder()
     heads, nope, rank = (dim(b, "w_uk", axis) for axis in range(3))
     rope = b.Mul(dim(b, "cos_cache", 1), b.const([2]), _name="rope_dim")
-    step = Step(b, "kv")
+    step = Step(b)
 
-    q = b.Reshape("q", b.Concat(b.const([0, 0]), heads, b.const([-1]), axis=0))
-    q_nope, q_rope = b.Split(b.Transpose(q, perm=[0, 2, 1, 3]), b.Concat(nope, rope, axis=0), axis=-1,
-                             _outputs=2)  # [B,H,T,.]
-    c_kv, k_rope = b.Split("kv", b.Concat(rank, rope, axis=0), axis=-1, _outputs=2)
-    c_kv = b.RMSNormalization(c_kv, "kv_norm", axis=-1, epsilon=Ref("epsilon"), _name="c_kv")
-    q_rope = b.RotaryEmbedding(q_rope, "cos_cache", "sin_cache", step.position_ids)
-    k_rope = b.RotaryEmbedding(k_rope, "cos_cache", "sin_cache", step.position_ids, num_heads=1)
+    def shape(*parts) -> str:  # a reshape target from constants and weight sizes: folded at load
+        return b.Concat(*(p if isinstance(p, str) else b.const(p) for p in parts), axis=0)
+
+    c_kv = b.RMSNormalization("c_kv", "kv_norm", axis=-1, epsilon=Ref("epsilon"), _name="c_kv_normed")
+    k_rope = b.RotaryEmbedding("k_rope", "cos_cache", "sin_cache", "position_ids", num_heads=1)
+    q_rope = b.RotaryEmbedding("q_rope", "cos_cache", "sin_cache", "position_ids", num_heads=Ref("num_heads", INT))
     c_all = write_cache(b, step, "past_c_kv", c_kv, "present_c_kv")  # [B,S,r]
     k_all = write_cache(b, step, "past_k_rope", k_rope, "present_k_rope")  # [B,S,rope]
 
-    scale = b.Constant(value_float=Ref("scale"))
-    q_lat = b.Mul(b.MatMul(q_nope, "w_uk"), scale, _name="q_latent")  # [B,H,T,r]
-    q_rope = b.Mul(q_rope, scale)
-
-    def against(query: str, width: str, cache: str) -> str:  # [B,H,T,w] x [B,S,w] -> [B,H*T,S]
-        rows = b.Reshape(query, b.Concat(b.const([0, -1]), width, axis=0))
-        return b.MatMul(rows, b.Transpose(cache, perm=[0, 2, 1]))
-
+    # [B,T,H*nope] -> [B,T,H,1,nope] x [H,nope,r] -> rows [B,T*H,r]
+    q_nope = b.Reshape("q_nope", shape([0, 0], heads, [1], nope))
+    q_lat = b.Reshape(b.MatMul(q_nope, "w_uk"), shape([0, -1], rank), _name="q_latent")
+    q_rope = b.Reshape(q_rope, shape([0, -1], rope))  # [B,T*H,rope]
     # two GEMMs rather than one over concatenated keys: no O(context) copy of the cache
-    scores = b.Add(against(q_lat, rank, c_all), against(q_rope, rope, k_all), _name="scores")
-    per_head = b.Concat(b.const([0]), heads, step.tokens, b.const([-1]), axis=0)  # -> [B,H,T,-1]
-    probs = causal_softmax(b, step, b.Reshape(scores, per_head))  # [B,H,T,S]
-    probs = b.Reshape(probs, b.Concat(b.const([0, -1]), step.valid, axis=0))  # [B,H*T,S]
-    out_lat = b.Reshape(b.MatMul(probs, c_all), per_head)  # [B,H,T,r]
-    out = b.MatMul(out_lat, "w_uv", _name="heads_out")  # [B,H,T,v]
-    b.Reshape(b.Transpose(out, perm=[0, 2, 1, 3]), b.const([0, 0, -1]), _outputs=["out"])
+    scores = b.Add(b.MatMul(q_lat, b.Transpose(c_all, perm=[0, 2, 1])),
+                   b.MatMul(q_rope, b.Transpose(k_all, perm=[0, 2, 1])))  # [B,T*H,S]
+    scores = b.Mul(b.Reshape(scores, shape([0, -1], heads, step.valid)), b.Constant(value_float=Ref("scale")),
+                   _name="scores")  # [B,T,H,S]
+    probs = b.Softmax(b.Where(step.mask, scores, b.const(-np.inf, np.float32)), axis=-1, _name="probs")
+    probs = b.Reshape(probs, shape([0, -1], step.valid))  # [B,T*H,S]
+    out_lat = b.Reshape(b.MatMul(probs, c_all), shape([0, -1], heads, [1], rank))  # [B,T,H,1,r]
+    b.Reshape(b.MatMul(out_lat, "w_uv"), b.const([0, 0, -1]), _outputs=["out"])  # [B,T,H*v]
     return b.function(
         PERSEUS_DOMAIN, OP_LATENT_ATTENTION,
-        ["q", "kv", "position", "cos_cache", "sin_cache", "past_c_kv", "past_k_rope",
-         "kv_norm", "w_uk", "w_uv"],
-        ["out", "present_c_kv", "present_k_rope"], ["scale", "epsilon"], latent_attention.__doc__)
+        ["q_nope", "q_rope", "c_kv", "k_rope", "position_ids", "cos_cache", "sin_cache", "past_c_kv",
+         "past_k_rope", "kv_norm", "w_uk", "w_uv"],
+        ["out", "present_c_kv", "present_k_rope"], ["num_heads", "scale", "epsilon"], latent_attention.__doc__)
 
 
 def attention() -> onnx.FunctionProto:
     """perseus.Attention: causal multi-head attention with RoPE over a preallocated K/V cache.
 
-    inputs   q, k, v [B,T,H*D], position [B], cos_cache / sin_cache [C, D/2],
+    inputs   q, k, v [B,T,H*D], position_ids [B,T], cos_cache / sin_cache [C, D/2],
              past_key, past_value [B,C,H*D]
     outputs  out [B,T,H*D] (before o_proj), present_key, present_value
     attrs    num_heads, scale (D^-0.5)
@@ -145,19 +127,19 @@ def attention() -> onnx.FunctionProto:
     """
     b = Builder()
     heads = Ref("num_heads", INT)
-    step = Step(b, "k")
-    q = b.RotaryEmbedding("q", "cos_cache", "sin_cache", step.position_ids, num_heads=heads)
-    k = b.RotaryEmbedding("k", "cos_cache", "sin_cache", step.position_ids, num_heads=heads)
+    step = Step(b)
+    q = b.RotaryEmbedding("q", "cos_cache", "sin_cache", "position_ids", num_heads=heads)
+    k = b.RotaryEmbedding("k", "cos_cache", "sin_cache", "position_ids", num_heads=heads)
     k_all = write_cache(b, step, "past_key", k, "present_key")
     v_all = write_cache(b, step, "past_value", "v", "present_value")
-    out = b.Attention(q, k_all, v_all, causal_mask(b, step), scale=Ref("scale"),
-                      q_num_heads=heads, kv_num_heads=heads)
+    mask = b.Transpose(step.mask, perm=[0, 2, 1, 3])  # [B,1,T,S]
+    out = b.Attention(q, k_all, v_all, mask, scale=Ref("scale"), q_num_heads=heads, kv_num_heads=heads)
     # a no-op reshape to q's shape: onnx 1.23's shape inference gives Attention's 3-D output a
     # last dim of 0 when V's width is unknown, as it is inside a function
     b.Reshape(out, b.Shape("q"), _outputs=["out"])
     return b.function(
         PERSEUS_DOMAIN, OP_ATTENTION,
-        ["q", "k", "v", "position", "cos_cache", "sin_cache", "past_key", "past_value"],
+        ["q", "k", "v", "position_ids", "cos_cache", "sin_cache", "past_key", "past_value"],
         ["out", "present_key", "present_value"], ["num_heads", "scale"], attention.__doc__)
 
 

@@ -2,6 +2,8 @@
 
 Everything the graph needs is computed here, once, at export time:
 - linear layers transposed to [in, out], ONNX MatMul's layout (PyTorch stores [out, in]);
+- projections of the same input side by side, so each is one GEMM: q | kv_a (or q_a | kv_a),
+  q | k | v, gate | up; the MLA query rows are grouped as [all heads' nope | all heads' rope];
 - RoPE lanes: DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ...; permuting the rope
   rows of the projections to [even | odd] lanes lets the graph rotate halves (ONNX
   RotaryEmbedding, interleaved=0) and still yields exactly the k_rope the PyTorch model caches
@@ -56,15 +58,17 @@ def prepare(model: PerseusLM, max_context: int) -> dict[str, np.ndarray]:
 def _mla_weights(cfg: ModelConfig, sd: dict, p: str) -> dict[str, np.ndarray]:
     h, nope, rope, r, v = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                            cfg.kv_lora_rank, cfg.v_head_dim)
-    q_rows = rope_rows(h, nope + rope, rope, nope)
+    # query rows: every head's nope part, then every head's rope lanes ([even | odd] per head)
+    per_head = rope_rows(h, nope + rope, rope, nope).reshape(h, nope + rope)
+    q_rows = np.concatenate([per_head[:, :nope].ravel(), per_head[:, nope:].ravel()])
+    kv_a = sd[p + "kv_a_proj_with_mqa.weight"][rope_rows(1, r + rope, rope, r)]  # [c_kv | k_rope] rows
     out = {}
-    if cfg.q_lora_rank:
-        out["q_a_proj"] = sd[p + "q_a_proj.weight"].T
+    if cfg.q_lora_rank:  # q_a and kv_a read the same input: one [d, q_lora + r + rope] weight
+        out["q_a_kv_a_proj"] = np.concatenate([sd[p + "q_a_proj.weight"], kv_a]).T
         out["q_a_norm"] = sd[p + "q_a_layernorm.weight"]
         out["q_b_proj"] = sd[p + "q_b_proj.weight"][q_rows].T
-    else:
-        out["q_proj"] = sd[p + "q_proj.weight"][q_rows].T
-    out["kv_a_proj"] = sd[p + "kv_a_proj_with_mqa.weight"][rope_rows(1, r + rope, rope, r)].T
+    else:  # one [d, H*nope + H*rope + r + rope] weight
+        out["q_kv_a_proj"] = np.concatenate([sd[p + "q_proj.weight"][q_rows], kv_a]).T
     out["kv_norm"] = sd[p + "kv_a_layernorm.weight"]
     kv_b = sd[p + "kv_b_proj.weight"].reshape(h, nope + v, r)
     out["w_uk"] = kv_b[:, :nope]  # [H, nope, r]: q_lat = q_nope @ W_UK
@@ -75,12 +79,13 @@ def _mla_weights(cfg: ModelConfig, sd: dict, p: str) -> dict[str, np.ndarray]:
 
 def _mha_weights(cfg: ModelConfig, sd: dict, p: str) -> dict[str, np.ndarray]:
     rows = rope_rows(cfg.num_attention_heads, cfg.head_dim, cfg.head_dim, 0)
-    return {"q_proj": sd[p + "q_proj.weight"][rows].T, "k_proj": sd[p + "k_proj.weight"][rows].T,
-            "v_proj": sd[p + "v_proj.weight"].T, "o_proj": sd[p + "o_proj.weight"].T}
+    qkv = [sd[p + "q_proj.weight"][rows], sd[p + "k_proj.weight"][rows], sd[p + "v_proj.weight"]]
+    return {"qkv_proj": np.concatenate(qkv).T, "o_proj": sd[p + "o_proj.weight"].T}
 
 
 def _mlp_weights(sd: dict, p: str) -> dict[str, np.ndarray]:
-    return {name: sd[f"{p}{name}.weight"].T for name in ("gate_proj", "up_proj", "down_proj")}
+    gate_up = np.concatenate([sd[f"{p}gate_proj.weight"], sd[f"{p}up_proj.weight"]])
+    return {"gate_up_proj": gate_up.T, "down_proj": sd[f"{p}down_proj.weight"].T}
 
 
 def _moe_weights(cfg: ModelConfig, sd: dict, p: str) -> dict[str, np.ndarray]:
