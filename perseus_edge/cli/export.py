@@ -17,15 +17,28 @@ from perseus_edge.errors import PerseusError
 
 def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder (config, safetensors, tokenizer, manifest)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Model folder to write."),
+    output: Path = typer.Option(..., "-o", "--output", help="Model folder to write (a .gguf file with --format gguf)."),
     target: str = typer.Option("portable", "--target",
                                help="portable (standard ONNX + perseus functions) or ort-cpu "
                                     "(also onnxruntime CPU kernels where they measure faster)."),
     max_context: Optional[int] = typer.Option(None, "--max-context",
                                               help="Cache rows (default and maximum: max_position_embeddings)."),
     force: bool = typer.Option(False, "--force", help="Replace the output folder whatever it holds."),
+    format: str = typer.Option("onnx", "--format", help="onnx (a model folder) or gguf (one file for llama.cpp)."),
+    outtype: str = typer.Option("f32", "--outtype", help="GGUF weight type: f32, f16, q8_0 or q4_0."),
 ) -> None:
-    """Export a checkpoint as a deployable ONNX model folder (graph, config, tokenizer, manifest)."""
+    """Export a checkpoint as a deployable ONNX model folder (graph, config, tokenizer, manifest)
+    or, with --format gguf, as a GGUF file for llama.cpp's deepseek2 loader."""
+    if format == "gguf":
+        from perseus_edge.export.gguf import export_gguf
+
+        start = time.perf_counter()
+        out = export_gguf(checkpoint, output, outtype=outtype, force=force)
+        print(f"exported {checkpoint} -> {out} (gguf {outtype}, {out.stat().st_size / 2**20:.1f} MiB) "
+              f"in {time.perf_counter() - start:.1f}s")
+        return
+    if format != "onnx":
+        raise PerseusError(f"unknown --format {format!r} (choose from onnx, gguf)")
     from perseus_edge.export import TARGETS, export_checkpoint
 
     if target not in TARGETS:  # before torch is imported
