@@ -359,11 +359,12 @@ def weights_to_fp16(model: onnx.ModelProto, min_elements: int = 1024) -> list[st
 def lower_qmoe(model: onnx.ModelProto, quant: MatMulQuant) -> dict:
     """com.microsoft.MoE (the exporter's `ort-cpu` lowering of perseus.MoE) -> com.microsoft.QMoE.
 
-    int8: 8-bit per output column (symmetric, implicit zero point 128), the int8 scheme's weight
-    settings. int4: 4-bit blocks with zero points; the kernel needs hidden and expert widths
-    divisible by its block size, so the expert width F is zero-padded to a multiple of the block
-    (exact: padded gate/up rows are 0, silu(0) * 0 = 0, padded fc2 columns are 0). The block is
-    the largest power of two <= `quant.block_size` (and >= 16) with the least padding.
+    int8: 8-bit blocks, symmetric (implicit zero point 128). int4: 4-bit blocks with zero points.
+    Blocks for 8-bit too: onnxruntime's block-wise path is faster at decode than its
+    per-column one (studies/perf/README.md: 1.2x per 54M int8 step). The kernel needs hidden and
+    expert widths divisible by its block size, so the expert width F is zero-padded to a multiple
+    of the block (exact: padded gate/up rows are 0, silu(0) * 0 = 0, padded fc2 columns are 0).
+    The block is the largest power of two <= `quant.block_size` (and >= 16) with the least padding.
     Returns {"nodes", "bits", "block_size", "padded_width"}.
     """
     inits = initializers(model)
@@ -378,13 +379,11 @@ def lower_qmoe(model: onnx.ModelProto, quant: MatMulQuant) -> dict:
         if attrs.get("activation_type", b"") not in (b"swiglu", "swiglu") or attrs.get("swiglu_fusion") != 1:
             raise ValueError("QMoE lowering expects the exporter's fused interleaved SwiGLU experts")
         bits = 8 if quant.kind == "int8" else quant.bits
-        block = 0
-        if bits == 4:
-            candidates = [b for b in (256, 128, 64, 32, 16) if 16 <= b <= quant.block_size and d % b == 0]
-            if not candidates:
-                raise ValueError(f"hidden size {d} is not a multiple of 16: QMoE cannot block it")
-            block = min(candidates, key=lambda b: (-f % b, -b))
-        fp = f + (-f % block if block else 0)
+        candidates = [b for b in (256, 128, 64, 32, 16) if 16 <= b <= quant.block_size and d % b == 0]
+        if not candidates:
+            raise ValueError(f"hidden size {d} is not a multiple of 16: QMoE cannot block it")
+        block = min(candidates, key=lambda b: (-f % b, -b))
+        fp = f + -f % block
         if fp != f:  # zero-pad the expert width
             g = np.zeros((n_exp, 2 * fp, d), np.float32)
             g[:, :2 * f] = fc1
@@ -393,9 +392,9 @@ def lower_qmoe(model: onnx.ModelProto, quant: MatMulQuant) -> dict:
 
         def pack(w: np.ndarray):  # w [E, N, K] -> packed [E, N, K*bits/8], scales, zero points
             k = w.shape[2]
-            ts = [qw.quantize_blockwise(w[e].T, bits, block or k, symmetric=(bits == 8)) for e in range(n_exp)]
+            ts = [qw.quantize_blockwise(w[e].T, bits, block, symmetric=(bits == 8)) for e in range(n_exp)]
             packed = np.stack([t.packed.reshape(t.n, -1) for t in ts])
-            scales = np.stack([t.scales if block else t.scales[:, 0] for t in ts])
+            scales = np.stack([t.scales for t in ts])
             zeros = None if bits == 8 else np.stack([t.zero_points for t in ts])
             return packed, scales, zeros
 
@@ -407,13 +406,12 @@ def lower_qmoe(model: onnx.ModelProto, quant: MatMulQuant) -> dict:
         if z1 is not None:
             inputs += [add_initializer(model, f"{fc1_name}.zero_point", z1),
                        add_initializer(model, f"{fc2_name}.zero_point", z2)]
-        extra = dict(expert_weight_bits=bits, weights_prepacked=0, accuracy_level=quant.accuracy_level)
-        if block:
-            extra["block_size"] = block
+        extra = dict(expert_weight_bits=bits, weights_prepacked=0, accuracy_level=quant.accuracy_level,
+                     block_size=block)
         new = helper.make_node("QMoE", inputs, list(node.output), name=node.name + "/q", domain=MS_DOMAIN,
                                **{**attrs, **extra})
         node.CopyFrom(new)
-        info = {"nodes": info.get("nodes", 0) + 1, "bits": bits, "block_size": block or None,
+        info = {"nodes": info.get("nodes", 0) + 1, "bits": bits, "block_size": block,
                 "expert_width": f, "padded_width": fp}
     drop_unused(model)
     return info
