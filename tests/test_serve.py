@@ -331,3 +331,25 @@ def test_cli_serves_and_reports_errors(folder, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_failing_step_fails_its_requests_not_the_server(folder):
+    with start(folder, slots=2) as s:
+        engine = s.app.engine
+        forward = engine.model.forward
+
+        def broken(*a, **kw):
+            raise RuntimeError("boom")
+
+        engine.model.forward = broken
+        r = httpx.post(s.url + "/v1/completions", json=OK)
+        assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError: boom"
+        with httpx.stream("POST", s.url + "/v1/completions", json={**OK, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert json.loads(lines[-1][6:])["error"]["type"] == "server_error"
+        engine.model.forward = forward
+        assert httpx.post(s.url + "/v1/completions", json=OK).status_code == 200
+        assert engine.stats()["running"] == 0 and engine.stats()["alive"]
+    assert not engine.stats()["alive"]  # the server stopped its engine on the way out
+    with pytest.raises(openai.APIConnectionError):  # and nothing listens any more
+        openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0).models.list()

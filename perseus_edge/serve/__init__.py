@@ -66,9 +66,9 @@ class Server:
             raise PerseusError(f"cannot listen on {host}:{port}: {e.strerror}") from None
         self.host, self.port = host, self.sock.getsockname()[1]
         engine = app.engine
-        # uvicorn's own cap on open connections (a plain 503 beyond it); the engine's queue
-        # limit answers first with a JSON 429
-        cap = 4 * (engine.slots + engine.max_waiting) + 32
+        # uvicorn's own cap on requests in flight (a plain-text 503 beyond it): a last guard
+        # against connection floods, well above what the engine's queue lets in (JSON 429 first)
+        cap = max(256, 4 * (engine.slots + engine.max_waiting))
         self.uvicorn = uvicorn.Server(uvicorn.Config(app.asgi, log_level=log_level, access_log=False,
                                                      limit_concurrency=cap, timeout_graceful_shutdown=5))
         self._thread: threading.Thread | None = None

@@ -11,7 +11,8 @@ its own position; the loop repeats:
 Running jobs occupy slots 0..n-1 so a decode step is one graph run over contiguous cache rows:
 when a job in the middle finishes, the job in the last slot moves into its place
 (`Model.copy_slot`, the cached rows only). Admitting one job per iteration keeps the running
-streams going while newcomers prefill. Waiting jobs are served first come, first served; the
+streams going while newcomers prefill (a long prompt's prefill does pause them for its
+duration: prefill is not split across decode steps). Waiting jobs are served first come, first served; the
 queue has a fixed length and `submit` refuses beyond it (the server answers 429).
 
 Events reach the submitter through `Job.on_event` (called on the engine thread): `Piece` for
@@ -20,7 +21,6 @@ text, then exactly one `Done` or `Failed`. Nothing here knows HTTP.
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -71,7 +71,6 @@ class Job:
     stops: Sequence[str] = ()
     ignore_eos: bool = False
     cancelled: bool = False  # set by any thread; the engine drops the job at its next iteration
-    id: int = field(default_factory=itertools.count().__next__)
     # decoding state (engine thread only)
     position: int = 0  # tokens in the cache
     token: int = -1  # sampled, not yet fed
@@ -127,8 +126,8 @@ class Engine:
     def submit(self, job: Job) -> None:
         """Queue a job; raises QueueFull when the waiting line is at its limit."""
         with self._wake:
-            if self._stop:
-                raise PerseusError("the server is shutting down")
+            if self._stop or not self._thread.is_alive():
+                raise PerseusError("the engine is not running (shutting down or stopped by an error)")
             free = self.slots - len(self._running)
             if len(self._waiting) >= self.max_waiting + free:
                 raise QueueFull(f"server busy: {len(self._running)} requests running and "
@@ -170,6 +169,7 @@ class Engine:
                     self._step()
         finally:
             with self._wake:
+                self._stop = True  # refuse new jobs from now on
                 left = list(self._waiting) + self._running
                 self._waiting.clear()
                 self._running.clear()
