@@ -17,8 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from perseus_edge.errors import PerseusError
-from perseus_edge.manifest import atomic_folder, verify_folder, write_manifest
+from perseus_edge.manifest import MANIFEST, atomic_folder, verify_folder, write_manifest
 from perseus_edge.model.config import ModelConfig
+from perseus_edge.model.hf import is_transformers_folder
 from perseus_edge.model.transformer import PerseusLM
 from perseus_edge.modelfile import CONFIG, TOKENIZER
 
@@ -86,20 +87,40 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def has_manifest(folder: Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def tokenizer_path(folder: Path, tokenizer: Path | str | None = None) -> Path:
+    """The tokenizer to use: `tokenizer` when given, else the folder's tokenizer.json."""
+    if tokenizer is not None:
+        if not Path(tokenizer).is_file():
+            raise PerseusError(f"tokenizer file not found: {tokenizer}")
+        return Path(tokenizer)
+    path = Path(folder) / TOKENIZER
+    if not path.is_file():
+        raise PerseusError(f"{folder} has no {TOKENIZER}: give one with --tokenizer FILE")
+    return path
+
+
 def load_checkpoint(folder: Path, device: str = "cpu", dtype: str | None = None,
-                    verify: bool = True) -> tuple[PerseusLM, Path]:
-    """Verify, then rebuild the model; returns (model in eval mode, path of tokenizer.json)."""
+                    verify: bool = True, tokenizer: Path | str | None = None) -> tuple[PerseusLM, Path]:
+    """Verify, then rebuild the model; returns (model in eval mode, path of tokenizer.json).
+
+    A folder with manifest.json is verified against it (kind checkpoint). A transformers
+    DeepSeek-V2/V3 folder (`save_pretrained`) needs none: it is read as it is, and `tokenizer`
+    names a tokenizer.json when the folder has none.
+    """
     from perseus_edge.tokenizer import check_vocab, load_tokenizer
 
     folder = Path(folder)
-    if verify:
-        verify_folder(folder, "checkpoint")
-    cfg = ModelConfig.load(folder / CONFIG)
-    check_vocab(load_tokenizer(folder / TOKENIZER), cfg.vocab_size, str(folder))
+    if verify and (has_manifest(folder) or not is_transformers_folder(folder)):
+        verify_folder(folder, "checkpoint")  # perseus checkpoints always carry a manifest
+    cfg = ModelConfig.load(folder)
+    tok_path = tokenizer_path(folder, tokenizer)
+    check_vocab(load_tokenizer(tok_path), cfg.vocab_size, str(folder), name=tok_path.name)
     model = PerseusLM(cfg)
-    state = load_state(folder)
-    if cfg.tie_word_embeddings:
-        state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
+    state = _fit_state(cfg, load_state(folder))
     ours = model.state_dict()
     missing = sorted(set(ours) - set(state))
     unexpected = sorted(set(state) - set(ours))
@@ -112,4 +133,27 @@ def load_checkpoint(folder: Path, device: str = "cpu", dtype: str | None = None,
     model.load_state_dict({k: v.float() for k, v in state.items()})
     if dtype:
         model.to(DTYPES[dtype])
-    return model.to(device).eval(), folder / TOKENIZER
+    return model.to(device).eval(), tok_path
+
+
+def _fit_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What transformers' DeepSeek folders hold beyond (or short of) our modules, reconciled
+    exactly: a tied head, multi-token-prediction layers (not part of the forward pass), empty
+    shared experts (n_shared_experts 0), and DeepSeek-V2's router without a selection bias."""
+    bad = sorted(k for k, v in state.items() if v.dtype not in DTYPES.values())
+    if bad:
+        raise PerseusError(f"tensor {bad[0]} is {state[bad[0]].dtype}: only fp32, bf16 and fp16 "
+                           "weights are supported")
+    if cfg.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
+    mtp = int(cfg.extra.get("num_nextn_predict_layers") or cfg.extra.get("num_mtp_layers") or 0)
+    extra_layers = {f"model.layers.{cfg.num_hidden_layers + i}." for i in range(mtp)}
+    state = {k: v for k, v in state.items()
+             if not (k.startswith(tuple(extra_layers)) if extra_layers else False)
+             and not (".shared_experts." in k and cfg.n_shared_experts == 0 and v.numel() == 0)}
+    if cfg.scoring_func == "softmax":  # V2 has no bias: ours stays at zero, selection unchanged
+        for i in range(cfg.num_hidden_layers):
+            if cfg.layer_is_moe(i):
+                state.setdefault(f"model.layers.{i}.mlp.gate.e_score_correction_bias",
+                                 torch.zeros(cfg.n_routed_experts))
+    return state

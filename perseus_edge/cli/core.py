@@ -98,24 +98,34 @@ def train(
 
 
 def evaluate(
-    model_dir: Path = typer.Argument(..., help="Checkpoint folder or exported ONNX model folder."),
+    model_dir: Path = typer.Argument(..., help="Checkpoint folder (perseus or transformers DeepSeek-V2/V3) "
+                                               "or exported ONNX model folder."),
     split: str = typer.Option("valid", help="valid or test (never tune on test)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Evaluate on this UTF-8 text file instead of a split."),
     seq_len: int = typer.Option(256),
     max_batches: Optional[int] = typer.Option(None, help="Limit the number of windows (default: whole split)."),
     batch_size: int = typer.Option(8),
     threads: Optional[int] = typer.Option(None, help="CPU threads (ONNX folders)."),
     data_dir: Optional[Path] = typer.Option(None),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
+                                             help="tokenizer.json for a checkpoint folder that has none."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Loss and perplexity on a held-out split: PyTorch for checkpoints, ONNX Runtime for model folders."""
-    from perseus_edge.data import resolve_data_dir, token_cache_dir, tokenize_split
+    """Loss and perplexity on a held-out split or a text file (the same windows): PyTorch for
+    checkpoints, ONNX Runtime for model folders."""
     from perseus_edge.manifest import read_manifest
+    from perseus_edge.model.hf import is_transformers_folder
     from perseus_edge.tokenizer import load_tokenizer
 
-    kind = read_manifest(model_dir).get("kind")
-    tok = load_tokenizer(model_dir / "tokenizer.json")
-    data = resolve_data_dir(data_dir)
-    tokens = tokenize_split(tok, data, split, token_cache_dir(), progress=False)
+    if not (model_dir / "manifest.json").is_file() and is_transformers_folder(model_dir):
+        kind = "checkpoint"
+    else:
+        kind = read_manifest(model_dir).get("kind")
+    tok_path = tokenizer if tokenizer is not None and kind == "checkpoint" else model_dir / "tokenizer.json"
+    if kind == "checkpoint" and tokenizer is None and not tok_path.is_file():
+        raise PerseusError(f"{model_dir} has no tokenizer.json: give one with --tokenizer FILE")
+    tok = load_tokenizer(tok_path)
+    tokens, source = _eval_tokens(tok, text, split, data_dir)
     if kind == "checkpoint":
         import math
 
@@ -124,30 +134,53 @@ def evaluate(
         from perseus_edge.checkpoint import load_checkpoint
         from perseus_edge.train import evaluate as eval_loss
 
-        model, _ = load_checkpoint(model_dir)
+        model, _ = load_checkpoint(model_dir, tokenizer=tokenizer)
         if seq_len > model.cfg.max_position_embeddings:
             raise PerseusError(f"seq_len {seq_len} exceeds the model context {model.cfg.max_position_embeddings}")
         if threads:
             torch.set_num_threads(threads)
-        loss = eval_loss(model, tokens, seq_len, batch_size, max_batches, torch.device("cpu"))
         windows = (len(tokens) - 1) // seq_len  # eval_batches scores whole windows only
+        if windows < 1:
+            raise PerseusError(f"{source} has {len(tokens)} tokens: not one window of --seq-len {seq_len} + 1")
+        loss = eval_loss(model, tokens, seq_len, batch_size, max_batches, torch.device("cpu"))
         if max_batches is not None:
             windows = min(windows, max_batches * batch_size)
         result = {"loss": loss, "ppl": math.exp(loss), "tokens": windows * seq_len}
     else:
         from perseus_edge.runtime.evaluate import evaluate as eval_onnx
 
+        if (len(tokens) - 1) // seq_len < 1:
+            raise PerseusError(f"{source} has {len(tokens)} tokens: not one window of --seq-len {seq_len} + 1")
         result = eval_onnx(model_dir, tokens, seq_len=seq_len, max_batches=max_batches, threads=threads,
                            batch_size=batch_size)
-    result = {"model": str(model_dir), "split": split, "seq_len": seq_len, **result}
+    result = {"model": str(model_dir), "split": source, "seq_len": seq_len, **result}
     if as_json:
         print(json.dumps(result))
     else:
-        console.print(f"{split}: loss {result['loss']:.4f}  perplexity {result['ppl']:.3f}  ({result['tokens']:,} tokens)")
+        console.print(f"{source}: loss {result['loss']:.4f}  perplexity {result['ppl']:.3f}  ({result['tokens']:,} tokens)")
+
+
+def _eval_tokens(tok, text: Optional[Path], split: str, data_dir: Optional[Path]):
+    """(token ids, name of what they came from): a split of the corpus, or a UTF-8 text file."""
+    import numpy as np
+
+    from perseus_edge.data import resolve_data_dir, token_cache_dir, tokenize_split
+
+    if text is None:
+        return tokenize_split(tok, resolve_data_dir(data_dir), split, token_cache_dir(), progress=False), split
+    try:
+        content = text.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PerseusError(f"text file not found: {text}") from None
+    except UnicodeDecodeError as e:
+        raise PerseusError(f"{text} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise PerseusError(f"cannot read {text}: {e.strerror}") from None
+    return np.asarray(tok.encode(content, add_special_tokens=False).ids, dtype=np.int64), str(text)
 
 
 def generate(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder (perseus or transformers DeepSeek-V2/V3)."),
     prompt: str = typer.Option(..., "-p", "--prompt"),
     n: int = typer.Option(64, "-n", "--max-new-tokens"),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
@@ -156,6 +189,8 @@ def generate(
     repeat_penalty: float = typer.Option(1.0),
     seed: Optional[int] = typer.Option(None),
     device: str = typer.Option("cpu"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
+                                             help="tokenizer.json for a checkpoint folder that has none."),
 ) -> None:
     """Generate with the PyTorch reference (what the ONNX runtime is checked against)."""
     from perseus_edge.checkpoint import load_checkpoint
@@ -166,7 +201,7 @@ def generate(
     if n <= 0:
         raise PerseusError(f"-n must be positive, got {n}")
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repeat_penalty, seed=seed)
-    model, tok_path = load_checkpoint(checkpoint, device=device)
+    model, tok_path = load_checkpoint(checkpoint, device=device, tokenizer=tokenizer)
     tok = load_tokenizer(tok_path)
     ids = tok.encode(prompt).ids
     out = list(generate_tokens(model, ids, n, sampler, eos_id=tok.token_to_id(EOS)))

@@ -16,7 +16,8 @@ from perseus_edge.errors import PerseusError
 
 
 def export(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint folder (config, safetensors, tokenizer, manifest)."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder (config, safetensors, tokenizer, manifest), "
+                                               "or a transformers DeepSeek-V2/V3 folder (save_pretrained)."),
     output: Path = typer.Option(..., "-o", "--output", help="Model folder to write (a .gguf file with --format gguf)."),
     target: str = typer.Option("portable", "--target",
                                help="portable (standard ONNX + perseus functions) or ort-cpu "
@@ -26,6 +27,8 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace the output folder whatever it holds."),
     format: str = typer.Option("onnx", "--format", help="onnx (a model folder) or gguf (one file for llama.cpp)."),
     outtype: str = typer.Option("f32", "--outtype", help="GGUF weight type: f32, f16, q8_0 or q4_0."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
+                                             help="tokenizer.json to use (default: the checkpoint's)."),
 ) -> None:
     """Export a checkpoint as a deployable ONNX model folder (graph, config, tokenizer, manifest)
     or, with --format gguf, as a GGUF file for llama.cpp's deepseek2 loader."""
@@ -44,7 +47,8 @@ def export(
     if target not in TARGETS:  # before torch is imported
         raise PerseusError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     start = time.perf_counter()
-    out = export_checkpoint(checkpoint, output, target=target, max_context=max_context, force=force)
+    out = export_checkpoint(checkpoint, output, target=target, max_context=max_context, force=force,
+                            tokenizer=tokenizer)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(f"exported {checkpoint} -> {out} ({target}, {size / 2**20:.1f} MiB) "
           f"in {time.perf_counter() - start:.1f}s")

@@ -17,11 +17,13 @@ TARGETS = ("portable", "ort-cpu")
 
 
 def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, target: str = "portable",
-                      max_context: int | None = None, force: bool = False) -> Path:
-    """Export a checkpoint folder as a model folder; returns its path. See `pipeline.export_checkpoint`."""
+                      max_context: int | None = None, force: bool = False,
+                      tokenizer: str | os.PathLike | None = None) -> Path:
+    """Export a checkpoint folder (perseus, or transformers DeepSeek-V2/V3) as a model folder;
+    returns its path. See `pipeline.export_checkpoint`."""
     from perseus_edge.export.pipeline import export_checkpoint as run
 
-    return run(ckpt_dir, out_dir, target=target, max_context=max_context, force=force)
+    return run(ckpt_dir, out_dir, target=target, max_context=max_context, force=force, tokenizer=tokenizer)
 
 
 __all__ = ["TARGETS", "export_checkpoint"]

@@ -20,7 +20,7 @@ from perseus_edge import __version__
 from perseus_edge import modelfile as mf
 from perseus_edge.export import ops
 from perseus_edge.modelfile.graph import IR_VERSION, OPSET, Builder, value_info
-from perseus_edge.model.config import ModelConfig
+from perseus_edge.model.config import LATENT_NORM_EPS, ModelConfig
 
 PRODUCER = "perseus-edge"
 
@@ -52,7 +52,10 @@ def build(cfg: ModelConfig, weights: dict[str, np.ndarray], max_context: int) ->
         p = f"layers.{i}."
         h = b.RMSNormalization(x, w(p + "input_norm"), epsilon=cfg.rms_norm_eps, _name=p + "attn_in")
         attend = _latent_attention if cfg.is_mla else _attention
-        x = b.Add(x, b.MatMul(attend(b, w, cfg, i, h, positions), w(p + "attn.o_proj")), _name=p + "resid_attn")
+        attn = b.MatMul(attend(b, w, cfg, i, h, positions), w(p + "attn.o_proj"))
+        if cfg.attention_bias:
+            attn = b.Add(attn, w(p + "attn.o_bias"))
+        x = b.Add(x, attn, _name=p + "resid_attn")
         h = b.RMSNormalization(x, w(p + "post_norm"), epsilon=cfg.rms_norm_eps, _name=p + "mlp_in")
         x = b.Add(x, _moe(b, w, cfg, i, h) if cfg.layer_is_moe(i) else _mlp(b, w, p + "mlp.", h),
                   _name=p + "resid_mlp")
@@ -69,8 +72,15 @@ def build(cfg: ModelConfig, weights: dict[str, np.ndarray], max_context: int) ->
                               initializer=[numpy_helper.from_array(a, n) for n, a in b.weights.items()])
     return helper.make_model(
         graph, producer_name=PRODUCER, producer_version=__version__, ir_version=IR_VERSION,
-        functions=[ops.FUNCTIONS[name]() for name in sorted(used)],
+        functions=[_function(name, cfg) for name in sorted(used)],
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(mf.PERSEUS_DOMAIN, 1)])
+
+
+def _function(name: str, cfg: ModelConfig) -> onnx.FunctionProto:
+    """The body of a perseus op for this model (MoE's depends on the routing variant)."""
+    if name == mf.OP_MOE:
+        return ops.moe(**ops.routing_variant(cfg))
+    return ops.FUNCTIONS[name]()
 
 
 def _latent_attention(b: Builder, w, cfg: ModelConfig, i: int, h: str, positions: str) -> str:
@@ -79,22 +89,26 @@ def _latent_attention(b: Builder, w, cfg: ModelConfig, i: int, h: str, positions
     heads, nope, rope, rank = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                cfg.kv_lora_rank)
     q_widths = [heads * nope, heads * rope]
+    def project(name: str) -> str:
+        y = b.MatMul(h, w(p + name + "_proj"), _name=p + name)
+        return b.Add(y, w(p + "q_kv_a_bias")) if cfg.attention_bias else y
+
     if cfg.q_lora_rank:
-        q_a, c_kv, k_rope = b.Split(b.MatMul(h, w(p + "q_a_kv_a_proj"), _name=p + "q_a_kv_a"),
-                                    b.const([cfg.q_lora_rank, rank, rope]), axis=-1, _outputs=3)
-        q_a = b.RMSNormalization(q_a, w(p + "q_a_norm"), epsilon=cfg.rms_norm_eps)
+        q_a, c_kv, k_rope = b.Split(project("q_a_kv_a"), b.const([cfg.q_lora_rank, rank, rope]), axis=-1,
+                                    _outputs=3)
+        q_a = b.RMSNormalization(q_a, w(p + "q_a_norm"), epsilon=LATENT_NORM_EPS)
         q_nope, q_rope = b.Split(b.MatMul(q_a, w(p + "q_b_proj"), _name=p + "q"), b.const(q_widths),
                                  axis=-1, _outputs=2)
     else:
-        q_nope, q_rope, c_kv, k_rope = b.Split(b.MatMul(h, w(p + "q_kv_a_proj"), _name=p + "q_kv_a"),
-                                               b.const(q_widths + [rank, rope]), axis=-1, _outputs=4)
+        q_nope, q_rope, c_kv, k_rope = b.Split(project("q_kv_a"), b.const(q_widths + [rank, rope]), axis=-1,
+                                               _outputs=4)
     c_kv_slot, k_rope_slot = mf.cache_slots(True)
     out, *_ = b.op(
         mf.OP_LATENT_ATTENTION, q_nope, q_rope, c_kv, k_rope, positions, w("rope.cos"), w("rope.sin"),
         mf.past_name(i, c_kv_slot), mf.past_name(i, k_rope_slot), w(p + "kv_norm"), w(p + "w_uk"),
         w(p + "w_uv"), _domain=mf.PERSEUS_DOMAIN,
         _outputs=[p + "out", mf.present_name(i, c_kv_slot), mf.present_name(i, k_rope_slot)],
-        num_heads=heads, scale=cfg.qk_head_dim ** -0.5, epsilon=cfg.rms_norm_eps)
+        num_heads=heads, scale=cfg.softmax_scale(), epsilon=LATENT_NORM_EPS)
     return out
 
 
@@ -125,7 +139,7 @@ def _moe(b: Builder, w, cfg: ModelConfig, i: int, h: str) -> str:
     routed = b.op(mf.OP_MOE, h, w(p + "router"), w(p + "router_bias"), w(p + "experts.gate_proj"),
                   w(p + "experts.up_proj"), w(p + "experts.down_proj"), _domain=mf.PERSEUS_DOMAIN,
                   _name=p + "routed", top_k=cfg.num_experts_per_tok, normalize=int(cfg.norm_topk_prob),
-                  scaling=float(cfg.routed_scaling_factor))
+                  scaling=float(cfg.routed_scaling_factor), **ops.routing_attributes(cfg))
     if not cfg.n_shared_experts:
         return routed
     return b.Add(routed, _mlp(b, w, p + "shared.", h), _name=p + "out")

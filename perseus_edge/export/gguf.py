@@ -47,11 +47,13 @@ def check_config(cfg) -> None:
     if not cfg.is_mla:
         raise PerseusError(f"GGUF export needs an MLA architecture (llama.cpp's deepseek2); "
                            f"{cfg.arch!r} is not one")
-    for key in ("rope_scaling", "rope_parameters"):
-        if cfg.extra.get(key):
-            raise PerseusError(f"GGUF export does not support {key} ({cfg.extra[key]!r})")
-    if cfg.extra.get("rope_interleave") is False or cfg.extra.get("attention_bias"):
+    if cfg.rope_scaling:
+        raise PerseusError(f"GGUF export does not support rope_scaling ({cfg.rope_scaling!r})")
+    if not cfg.rope_interleave or cfg.attention_bias:
         raise PerseusError("GGUF export needs rope_interleave=true and attention_bias=false")
+    if cfg.is_moe and (cfg.scoring_func != "sigmoid" or cfg.grouped_routing):
+        raise PerseusError(f"GGUF export supports sigmoid routing without expert groups, not scoring_func "
+                           f"{cfg.scoring_func} with n_group {cfg.n_group}")
 
 
 def hf_tensors(state: dict, cfg) -> dict[str, np.ndarray]:

@@ -32,8 +32,8 @@ def moe_to_ort(model: onnx.ModelProto) -> int:
     inits = {t.name: t for t in model.graph.initializer}
     nodes, count = [], 0
     for node in model.graph.node:
-        if (node.domain, node.op_type) != (mf.PERSEUS_DOMAIN, mf.OP_MOE):
-            nodes.append(node)
+        if (node.domain, node.op_type) != (mf.PERSEUS_DOMAIN, mf.OP_MOE) or _routing_variant(node):
+            nodes.append(node)  # softmax or group-limited routing: the portable op stays
             continue
         count += 1
         x, router, bias, w_gate, w_up, w_down = node.input
@@ -74,6 +74,12 @@ def moe_to_ort(model: onnx.ModelProto) -> int:
         model.graph.node.extend(nodes)
         ensure_opset(model, MS_DOMAIN, 1)
     return count
+
+
+def _routing_variant(node: onnx.NodeProto) -> bool:
+    """DeepSeek-V2 softmax scores or group-limited selection (export/ops.py `routing_attributes`):
+    the routing rebuilt above is the default sigmoid one, so these keep the portable op."""
+    return any(a.name in ("softmax", "n_group") for a in node.attribute)
 
 
 REWRITES = {"ort-cpu": [moe_to_ort]}

@@ -143,7 +143,7 @@ def attention() -> onnx.FunctionProto:
         ["out", "present_key", "present_value"], ["num_heads", "scale"], attention.__doc__)
 
 
-def moe() -> onnx.FunctionProto:
+def moe(softmax: bool = False, group_rank: str | None = None) -> onnx.FunctionProto:
     """perseus.MoE: sigmoid top-k routing with a selection bias, then the routed SwiGLU experts.
 
     inputs   x [B,T,d], router [d,E], router_bias [E] (selection only, DeepSeek-V3's
@@ -154,13 +154,21 @@ def moe() -> onnx.FunctionProto:
     The portable body runs every expert as one wide GEMM and zeroes the unselected ones through
     the routing weights: exact, simple and good at prefill; the `ort-cpu` target replaces it
     with onnxruntime's sparse MoE kernel, which reads only the selected experts.
+
+    Routing variants (DeepSeek-V2 and grouped V3 checkpoints; see `routing_variant`) specialise
+    the body at export: softmax scores (attribute softmax=1), and group-limited selection
+    (attributes n_group, topk_group; groups ranked by their top-2 sum or their max).
     """
     b = Builder()
     width, n_experts = dim(b, "router", 0), dim(b, "router", 1)
     x = b.Reshape("x", b.Concat(b.const([-1]), width, axis=0), _name="tokens")  # [N,d]
-    scores = b.Sigmoid(b.MatMul(x, "router"), _name="scores")  # [N,E]
+    logits = b.MatMul(x, "router")
+    scores = b.Softmax(logits, axis=-1, _name="scores") if softmax else b.Sigmoid(logits, _name="scores")  # [N,E]
     k = b.Reshape(b.Constant(value_int=Ref("top_k", INT)), b.const([1]))
-    _, idx = b.TopK(b.Add(scores, "router_bias"), k, axis=-1, _outputs=2)
+    choice = b.Add(scores, "router_bias")
+    if group_rank:
+        choice = _limit_to_groups(b, choice, group_rank)
+    _, idx = b.TopK(choice, k, axis=-1, _outputs=2)
     weights = b.GatherElements(scores, idx, axis=1)
     normalize = b.Cast(b.Constant(value_int=Ref("normalize", INT)), to=onnx.TensorProto.BOOL)
     total = b.Add(b.ReduceSum(weights, b.const([-1]), keepdims=1), b.const(1e-20, np.float32))
@@ -173,9 +181,49 @@ def moe() -> onnx.FunctionProto:
     h = b.Reshape(h, b.Concat(b.const([0]), n_experts, b.const([-1]), axis=0))  # [N,E,F]
     h = b.Reshape(b.Mul(h, b.Unsqueeze(gates, b.const([-1]))), b.const([0, -1]))
     b.Reshape(b.MatMul(h, "w_down"), b.Shape("x"), _outputs=["y"])
+    attributes = ["top_k", "normalize", "scaling"] + (["softmax"] if softmax else [])
+    attributes += ["n_group", "topk_group"] if group_rank else []
     return b.function(
         PERSEUS_DOMAIN, OP_MOE, ["x", "router", "router_bias", "w_gate", "w_up", "w_down"], ["y"],
-        ["top_k", "normalize", "scaling"], moe.__doc__)
+        attributes, moe.__doc__)
+
+
+# ----------------------------------------------------------------------------- routing variants
+def routing_variant(cfg) -> dict:
+    """moe() arguments for a ModelConfig: {} is the default (sigmoid, ungrouped) body."""
+    out = {}
+    if cfg.scoring_func == "softmax":
+        out["softmax"] = True
+    if cfg.grouped_routing:
+        out["group_rank"] = "top2" if cfg.topk_method == "noaux_tc" else "max"
+    return out
+
+
+def routing_attributes(cfg) -> dict:
+    """The perseus.MoE node attributes of a routing variant (none for the default)."""
+    out = {"softmax": 1} if cfg.scoring_func == "softmax" else {}
+    if cfg.grouped_routing:
+        out.update(n_group=cfg.n_group, topk_group=cfg.topk_group)
+    return out
+
+
+def _limit_to_groups(b: Builder, choice: str, rank: str) -> str:
+    """choice [N,E] with -inf outside each token's topk_group best of n_group groups; a group
+    ranks by its top-2 sum ("top2", DeepSeek-V3) or its best score ("max", DeepSeek-V2)."""
+    n_group = b.Reshape(b.Constant(value_int=Ref("n_group", INT)), b.const([1]))
+    groups = b.Reshape(choice, b.Concat(b.const([0]), n_group, b.const([-1]), axis=0))  # [N,G,E/G]
+    if rank == "top2":
+        top2, _ = b.TopK(groups, b.const([2]), axis=-1, _outputs=2)
+        group_score = b.ReduceSum(top2, b.const([-1]), keepdims=0)
+    else:
+        group_score = b.ReduceMax(groups, b.const([-1]), keepdims=0)  # [N,G]
+    topk_group = b.Reshape(b.Constant(value_int=Ref("topk_group", INT)), b.const([1]))
+    _, best = b.TopK(group_score, topk_group, axis=-1, _outputs=2)
+    chosen = b.ScatterElements(b.ConstantOfShape(b.Shape(group_score)), best,
+                               b.Expand(b.const(1.0, np.float32), b.Shape(best)), axis=1)
+    keep = b.Cast(b.Unsqueeze(chosen, b.const([-1])), to=onnx.TensorProto.BOOL)  # [N,G,1]
+    masked = b.Where(keep, groups, b.const(-np.inf, np.float32))
+    return b.Reshape(masked, b.Shape(choice), _name="group_limited_choice")
 
 
 FUNCTIONS = {OP_LATENT_ATTENTION: latent_attention, OP_ATTENTION: attention, OP_MOE: moe}

@@ -13,6 +13,8 @@ written into a temp folder that replaces the destination in one rename at the en
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -23,8 +25,12 @@ from perseus_edge.manifest import MANIFEST, atomic_folder, read_manifest, sha256
 
 
 def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, target: str = "portable",
-                      max_context: int | None = None, force: bool = False) -> Path:
+                      max_context: int | None = None, force: bool = False,
+                      tokenizer: str | os.PathLike | None = None) -> Path:
     """Export the checkpoint in `ckpt_dir` as a model folder at `out_dir`; returns `out_dir`.
+
+    `ckpt_dir` is a perseus checkpoint or a transformers DeepSeek-V2/V3 folder (no manifest
+    needed); `tokenizer` replaces (or supplies) its tokenizer.json.
 
     max_context: cache rows (default: the model's max_position_embeddings, also the upper bound).
     force: replace whatever `out_dir` holds. Without it, a non-empty `out_dir` is only replaced
@@ -49,7 +55,7 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, t
     source_sha = _checkpoint_sha(ckpt_dir)
     replace = _may_replace(ckpt_dir, out_dir, source_sha, force)
     with atomic_folder(out_dir, force=replace) as tmp:
-        model, tokenizer = load_checkpoint(ckpt_dir)
+        model, tokenizer = load_checkpoint(ckpt_dir, tokenizer=tokenizer)
         cfg = model.cfg
         context = _context(cfg, max_context)
         graph = build(cfg, prepare(model, context), context)
@@ -69,9 +75,16 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, t
 
 
 def _checkpoint_sha(ckpt_dir: Path) -> str:
-    """Identity of the source: the sha256 of its manifest, which lists the sha256 of every file."""
+    """Identity of the source: the sha256 of its manifest, which lists the sha256 of every file;
+    for a folder without one (transformers' save_pretrained), the sha256 of the same listing."""
     if not ckpt_dir.is_dir():
         raise PerseusError(f"checkpoint folder not found: {ckpt_dir}")
+    from perseus_edge.checkpoint import is_transformers_folder
+
+    if not (ckpt_dir / MANIFEST).is_file() and is_transformers_folder(ckpt_dir):
+        listing = {p.relative_to(ckpt_dir).as_posix(): sha256_file(p)
+                   for p in sorted(ckpt_dir.rglob("*")) if p.is_file()}
+        return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
     read_manifest(ckpt_dir)  # a clear error for a missing or unreadable manifest
     return sha256_file(ckpt_dir / MANIFEST)
 

@@ -5,13 +5,16 @@ Everything the graph needs is computed here, once, at export time:
 - projections of the same input side by side, so each is one GEMM: q | kv_a (or q_a | kv_a),
   q | k | v, gate | up; the MLA query rows are grouped as [all heads' nope | all heads' rope];
 - RoPE lanes: DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ...; permuting the rope
-  rows of the projections to [even | odd] lanes lets the graph rotate halves (ONNX
+  rows of the projections (and biases) to [even | odd] lanes lets the graph rotate halves (ONNX
   RotaryEmbedding, interleaved=0) and still yields exactly the k_rope the PyTorch model caches
-  (its rotation outputs the rotated even lanes, then the odd ones);
+  (its rotation outputs the rotated even lanes, then the odd ones). `rope_interleave: false`
+  models already rotate halves and keep their rows;
+- attention biases (`attention_bias`), in the same row order as their fused projection;
 - MLA absorption: W_UK [H, nope, r] and W_UV^T [H, r, v], the per-head blocks of kv_b_proj
   that the absorbed attention applies to the query and to the attended latent;
 - MoE: the routed experts side by side ([d, E*F], [E*F, d]) so an expert projection is one GEMM;
-- RoPE tables cos/sin [max_context, rope_dim / 2], from the model's own `rope_cos_sin`.
+- RoPE tables cos/sin [max_context, rope_dim / 2], from the model's own `rope_cos_sin`: the
+  scaled frequencies (linear, yarn, llama3) with YaRN's attention factor folded into both.
 
 Tensor names are short and stable (`layers.3.attn.w_uk`) and become the initializer names.
 """
@@ -22,7 +25,8 @@ import numpy as np
 import torch
 
 from perseus_edge.model.config import ModelConfig
-from perseus_edge.model.transformer import PerseusLM, rope_cos_sin
+from perseus_edge.model.rope import rope_cos_sin
+from perseus_edge.model.transformer import PerseusLM
 
 
 def rope_rows(heads: int, head_dim: int, rope_dim: int, offset: int) -> np.ndarray:
@@ -42,7 +46,7 @@ def prepare(model: PerseusLM, max_context: int) -> dict[str, np.ndarray]:
     if not cfg.tie_word_embeddings:
         out["lm_head"] = sd["lm_head.weight"].T
     rope_dim = model.rope_dim()
-    cos, sin = rope_cos_sin(torch.arange(max_context), rope_dim, cfg.rope_theta)
+    cos, sin = rope_cos_sin(torch.arange(max_context), cfg, rope_dim)
     out["rope.cos"], out["rope.sin"] = cos.numpy(), sin.numpy()
     for i in range(cfg.num_hidden_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
@@ -59,9 +63,13 @@ def _mla_weights(cfg: ModelConfig, sd: dict, p: str) -> dict[str, np.ndarray]:
     h, nope, rope, r, v = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                            cfg.kv_lora_rank, cfg.v_head_dim)
     # query rows: every head's nope part, then every head's rope lanes ([even | odd] per head)
-    per_head = rope_rows(h, nope + rope, rope, nope).reshape(h, nope + rope)
+    if cfg.rope_interleave:
+        per_head = rope_rows(h, nope + rope, rope, nope).reshape(h, nope + rope)
+        kv_rows = rope_rows(1, r + rope, rope, r)
+    else:  # already rotates halves
+        per_head, kv_rows = np.arange(h * (nope + rope)).reshape(h, nope + rope), np.arange(r + rope)
     q_rows = np.concatenate([per_head[:, :nope].ravel(), per_head[:, nope:].ravel()])
-    kv_a = sd[p + "kv_a_proj_with_mqa.weight"][rope_rows(1, r + rope, rope, r)]  # [c_kv | k_rope] rows
+    kv_a = sd[p + "kv_a_proj_with_mqa.weight"][kv_rows]  # [c_kv | k_rope] rows
     out = {}
     if cfg.q_lora_rank:  # q_a and kv_a read the same input: one [d, q_lora + r + rope] weight
         out["q_a_kv_a_proj"] = np.concatenate([sd[p + "q_a_proj.weight"], kv_a]).T
@@ -69,6 +77,10 @@ def _mla_weights(cfg: ModelConfig, sd: dict, p: str) -> dict[str, np.ndarray]:
         out["q_b_proj"] = sd[p + "q_b_proj.weight"][q_rows].T
     else:  # one [d, H*nope + H*rope + r + rope] weight
         out["q_kv_a_proj"] = np.concatenate([sd[p + "q_proj.weight"][q_rows], kv_a]).T
+    if cfg.attention_bias:  # q_a / kv_a / o_proj carry biases (q_proj and q_b_proj never do)
+        q_bias = sd[p + "q_a_proj.bias"] if cfg.q_lora_rank else np.zeros(h * (nope + rope), np.float32)
+        out["q_kv_a_bias"] = np.concatenate([q_bias, sd[p + "kv_a_proj_with_mqa.bias"][kv_rows]])
+        out["o_bias"] = sd[p + "o_proj.bias"]
     out["kv_norm"] = sd[p + "kv_a_layernorm.weight"]
     kv_b = sd[p + "kv_b_proj.weight"].reshape(h, nope + v, r)
     out["w_uk"] = kv_b[:, :nope]  # [H, nope, r]: q_lat = q_nope @ W_UK
@@ -78,7 +90,8 @@ def _mla_weights(cfg: ModelConfig, sd: dict, p: str) -> dict[str, np.ndarray]:
 
 
 def _mha_weights(cfg: ModelConfig, sd: dict, p: str) -> dict[str, np.ndarray]:
-    rows = rope_rows(cfg.num_attention_heads, cfg.head_dim, cfg.head_dim, 0)
+    rows = (rope_rows(cfg.num_attention_heads, cfg.head_dim, cfg.head_dim, 0) if cfg.rope_interleave
+            else np.arange(cfg.hidden_size))
     qkv = [sd[p + "q_proj.weight"][rows], sd[p + "k_proj.weight"][rows], sd[p + "v_proj.weight"]]
     return {"qkv_proj": np.concatenate(qkv).T, "o_proj": sd[p + "o_proj.weight"].T}
 

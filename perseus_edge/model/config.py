@@ -23,6 +23,33 @@ from perseus_edge.errors import PerseusError
 from perseus_edge.modelfile.names import CONFIG
 
 ARCHS = ("moe-mla-rope", "mla-dense", "mha", "mha-moe")
+# scoring_func -> the topk_methods transformers implements with it (V3: sigmoid; V2: softmax)
+ROUTING = {"sigmoid": ("noaux_tc",), "softmax": ("greedy", "group_limited_greedy")}
+# DeepSeek's q_a_layernorm and kv_a_layernorm use RMSNorm's default epsilon, not rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+# Keys of a config.json that do not change the forward pass: metadata, training-only and
+# generation settings (transformers' PretrainedConfig generics and DeepSeek's own). They are kept
+# in `extra` and written back; any other key that is not a field is refused, so nothing that
+# changes the math is silently dropped.
+INERT_KEYS = frozenset("""
+    architectures model_type transformers_version dtype torch_dtype _name_or_path auto_map
+    _commit_hash _attn_implementation_autoset use_cache bos_token_id eos_token_id pad_token_id
+    sep_token_id decoder_start_token_id initializer_range attention_dropout output_router_logits
+    router_aux_loss_coef aux_loss_alpha seq_aux ep_size pretraining_tp head_dim qk_head_dim
+    num_nextn_predict_layers num_mtp_layers output_attentions output_hidden_states return_dict
+    torchscript use_bfloat16 tf_legacy_loss is_decoder is_encoder_decoder add_cross_attention
+    tie_encoder_decoder finetuning_task id2label label2id task_specific_params problem_type
+    tokenizer_class prefix max_length min_length do_sample early_stopping num_beams
+    num_beam_groups diversity_penalty temperature top_k top_p typical_p repetition_penalty
+    length_penalty no_repeat_ngram_size encoder_no_repeat_ngram_size bad_words_ids
+    num_return_sequences output_scores return_dict_in_generate forced_bos_token_id
+    forced_eos_token_id remove_invalid_values exponential_decay_length_penalty suppress_tokens
+    begin_suppress_tokens cross_attention_hidden_size
+""".split())
+# Keys allowed only at the value that leaves the forward pass unchanged.
+NEUTRAL_VALUES = {"hidden_act": "silu", "mlp_bias": False, "moe_layer_freq": 1, "quantization_config": None,
+                  "pruned_heads": {}, "chunk_size_feed_forward": 0, "partial_rotary_factor": 1.0}
 
 
 @dataclass
@@ -49,13 +76,26 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
     first_k_dense_replace: int = 0
+    # Routing: DeepSeek-V3 scores experts with a sigmoid and picks top-k by score + selection bias
+    # ("noaux_tc"); DeepSeek-V2 with a softmax, top-k over all experts ("greedy") or within the
+    # best groups ("group_limited_greedy"). n_group > 1 limits each token to its topk_group best
+    # groups of n_routed_experts / n_group experts (V3 ranks a group by its top-2 sum, V2 by its max).
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    n_group: int = 1
+    topk_group: int = 1
     # Aux-loss-free balancing: per-expert bias step applied after each optimizer step.
     router_bias_update_rate: float = 1e-3
     rope_theta: float = 10000.0
+    # transformers' rope parameters other than rope_theta ({"rope_type": "yarn", "factor": ..});
+    # None is plain RoPE. The math is in perseus_edge/model/rope.py.
+    rope_scaling: dict | None = None
+    rope_interleave: bool = True  # rotate pairs (x0, x1), (x2, x3).. (DeepSeek) or halves (Llama)
+    attention_bias: bool = False  # biases on q_a_proj, kv_a_proj_with_mqa and o_proj (MLA)
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
-    extra: dict = field(default_factory=dict, repr=False)  # unknown keys kept, never lost
+    extra: dict = field(default_factory=dict, repr=False)  # inert keys (INERT_KEYS) kept, never lost
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,8 +111,6 @@ class ModelConfig:
                      "max_position_embeddings"):
             if int(getattr(self, name)) <= 0:
                 bad(f"{name} must be positive, got {getattr(self, name)}")
-        if self.vocab_size > 65535:
-            bad(f"vocab_size {self.vocab_size} does not fit the uint16 token files (max 65535)")
         if self.is_mla:
             if not 0 < self.kv_lora_rank <= self.hidden_size:
                 bad(f"kv_lora_rank {self.kv_lora_rank} must be in 1..hidden_size ({self.hidden_size})")
@@ -101,6 +139,33 @@ class ModelConfig:
                     f"0..num_hidden_layers ({self.num_hidden_layers})")
         if (not self.is_moe or self.first_k_dense_replace > 0) and self.intermediate_size <= 0:
             bad("intermediate_size must be positive for dense layers")
+        if self.is_moe:
+            self._validate_routing(bad)
+        if self.attention_bias and not self.is_mla:
+            bad("attention_bias is implemented for MLA attention only")
+        from perseus_edge.model.rope import check_rope_scaling  # torch-free
+
+        check_rope_scaling(self.rope_scaling, bad)
+
+    def _validate_routing(self, bad) -> None:
+        methods = ROUTING.get(self.scoring_func)
+        if methods is None:
+            bad(f"scoring_func {self.scoring_func!r} is not supported (choose from {', '.join(ROUTING)})")
+        if self.topk_method not in methods:
+            bad(f"topk_method {self.topk_method!r} does not go with scoring_func {self.scoring_func!r} "
+                f"(supported: {', '.join(methods)})")
+        if self.n_group < 1 or self.n_routed_experts % self.n_group:
+            bad(f"n_group {self.n_group} must divide n_routed_experts ({self.n_routed_experts})")
+        if not 1 <= self.topk_group <= self.n_group:
+            bad(f"topk_group {self.topk_group} must be in 1..n_group ({self.n_group})")
+        if self.grouped_routing:
+            per_group = self.n_routed_experts // self.n_group
+            if self.topk_method == "noaux_tc" and per_group < 2:
+                bad(f"n_group {self.n_group} leaves {per_group} expert per group; noaux_tc ranks groups "
+                    "by their top-2 experts")
+            if self.num_experts_per_tok > self.topk_group * per_group:
+                bad(f"num_experts_per_tok {self.num_experts_per_tok} exceeds the {self.topk_group * per_group} "
+                    f"experts of topk_group {self.topk_group} groups")
 
     # ----------------------------------------------------------------- structure
     @property
@@ -119,6 +184,18 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    @property
+    def grouped_routing(self) -> bool:
+        """Whether routing first picks topk_group of n_group expert groups (a no-op at n_group 1)."""
+        return self.n_group > 1 and self.topk_method != "greedy"
+
+    def softmax_scale(self) -> float:
+        """Attention softmax scale: qk_head_dim^-0.5, times YaRN's mscale^2 (as transformers'
+        `yarn_apply_mscale` for DeepSeek: scaled rope types with `mscale_all_dim` set)."""
+        from perseus_edge.model.rope import mscale_squared
+
+        return self.qk_head_dim ** -0.5 * mscale_squared(self.rope_scaling)
 
     def layer_is_moe(self, layer: int) -> bool:
         return self.is_moe and layer >= self.first_k_dense_replace
@@ -189,9 +266,28 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
+        """Fields by name, inert keys into `extra`; a key that could change the math and is not
+        implemented is refused with one line naming it and its value."""
+        from perseus_edge.model.rope import split_rope_parameters
+
+        data = split_rope_parameters(data)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
+        for key, value in extra.items():
+            if key in NEUTRAL_VALUES:
+                if value != NEUTRAL_VALUES[key] and not (key == "quantization_config" and not value):
+                    raise PerseusError(f"unsupported model config: {key} = {json.dumps(value)} "
+                                       f"(only {json.dumps(NEUTRAL_VALUES[key])} is implemented)")
+            elif key == "num_key_value_heads":
+                # MLA expands the latent to every head (transformers' DeepSeek ignores it); for
+                # the MHA members it would mean grouped-query attention, not implemented
+                if value not in (None, data.get("num_attention_heads")) and data.get("arch") in ("mha", "mha-moe"):
+                    raise PerseusError(f"unsupported model config: num_key_value_heads = {value} "
+                                       "(grouped-query attention is not implemented)")
+            elif key not in INERT_KEYS:
+                raise PerseusError(f"unknown model config key {key!r} = {json.dumps(value)}: refusing it "
+                                   "rather than ignoring something that may change the forward pass")
         try:
             return cls(**known, extra=extra)
         except TypeError as e:
@@ -202,10 +298,11 @@ class ModelConfig:
         so a checkpoint folder also loads with `DeepseekV3ForCausalLM.from_pretrained`."""
         out = self.to_dict()
         if self.is_mla:
+            v2 = self.scoring_func == "softmax"  # DeepSeek-V2's routing; V3's otherwise
             out.update(
-                model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
-                num_key_value_heads=self.num_attention_heads, n_group=1, topk_group=1,
-                hidden_act="silu", attention_bias=False, attention_dropout=0.0, rope_interleave=True,
+                model_type="deepseek_v2" if v2 else "deepseek_v3",
+                architectures=["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"],
+                num_key_value_heads=self.num_attention_heads, hidden_act="silu", attention_dropout=0.0,
                 # a dense MLA model is DeepseekV3 with every layer dense
                 first_k_dense_replace=self.first_k_dense_replace if self.is_moe else self.num_hidden_layers,
                 n_routed_experts=self.n_routed_experts if self.is_moe else 1,
@@ -230,8 +327,10 @@ class ModelConfig:
             raise PerseusError(f"{path} is not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise PerseusError(f"{path} holds a JSON {type(data).__name__}, expected an object")
-        if "arch" not in data:
-            raise PerseusError(f"{path} has no 'arch' key: not a perseus model config")
+        if "arch" not in data:  # a transformers DeepSeek-V2/V3 folder, or refused in one line
+            from perseus_edge.model.hf import config_from_transformers
+
+            return config_from_transformers(data)
         if data.get("model_type") == "deepseek_v3" and data["arch"] == "mla-dense":
             data["first_k_dense_replace"] = 0
         return cls.from_dict(data)

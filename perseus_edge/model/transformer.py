@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from perseus_edge.model.config import ModelConfig
+from perseus_edge.model.config import LATENT_NORM_EPS, ModelConfig
+from perseus_edge.model.rope import rope_cos_sin
 
 GROUP_ALIGN = 16  # rows: each expert's token group starts 16-row aligned in the grouped GEMM buffer
 
@@ -38,22 +39,19 @@ class RMSNorm(nn.Module):
 
 
 # ----------------------------------------------------------------------------- RoPE
-def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [*positions.shape, dim // 2] (one angle per rotated pair)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = True) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek does, or halves
+    (x_i, x_{i+D/2}) as Llama does (`interleave=False`, transformers' `rope_interleave: false`).
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek does.
-
-    The output lists the rotated even lanes then the odd lanes (HF's
+    Interleaved, the output lists the rotated even lanes then the odd lanes (HF's
     `apply_rotary_pos_emb_interleave`); q and k get the same layout, so q.k is unchanged.
     x: [B, T, H, D]; cos, sin: [B, T, D/2] (broadcast over heads).
     """
     cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
@@ -76,18 +74,18 @@ class LatentAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        h, d = cfg.num_attention_heads, cfg.hidden_size
+        h, d, bias = cfg.num_attention_heads, cfg.hidden_size, cfg.attention_bias
         if cfg.q_lora_rank:
-            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
         else:
             self.q_proj = nn.Linear(d, h * cfg.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=False)
-        self.scale = cfg.qk_head_dim ** -0.5
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=bias)
+        self.scale = cfg.softmax_scale()
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.q_lora_rank:
@@ -107,8 +105,8 @@ class LatentAttention(nn.Module):
         q_nope, q_rope = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        q_rope = apply_rope(q_rope, cos, sin)
-        k_rope = apply_rope(k_rope[:, :, None, :], cos, sin)[:, :, 0]
+        q_rope = apply_rope(q_rope, cos, sin, c.rope_interleave)
+        k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, c.rope_interleave)[:, :, 0]
         if past is not None:
             c_kv = torch.cat([past[0], c_kv], dim=1)
             k_rope = torch.cat([past[1], k_rope], dim=1)
@@ -158,8 +156,8 @@ class MultiHeadAttention(nn.Module):
         c = self.cfg
         b, t, _ = x.shape
         shape = (b, t, c.num_attention_heads, c.head_dim)
-        q = apply_rope(self.q_proj(x).view(shape), cos, sin).transpose(1, 2)
-        k = apply_rope(self.k_proj(x).view(shape), cos, sin).transpose(1, 2)
+        q = apply_rope(self.q_proj(x).view(shape), cos, sin, c.rope_interleave).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(shape), cos, sin, c.rope_interleave).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
@@ -193,7 +191,8 @@ def count_per_expert(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 
 class Router(nn.Module):
-    """Sigmoid top-k router with auxiliary-loss-free balancing (DeepSeek-V3).
+    """Sigmoid top-k router with auxiliary-loss-free balancing (DeepSeek-V3), optionally limited
+    to the best expert groups; softmax scoring (DeepSeek-V2) with the same code.
 
     `e_score_correction_bias` is added to the scores for *selection only*; the mixing weights come
     from the unbiased scores. After each optimizer step the trainer calls `update_bias`, which
@@ -212,14 +211,30 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d] -> (weights [N, k], expert indices [N, k])."""
         c = self.cfg
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        idx = torch.topk(scores + self.e_score_correction_bias, c.num_experts_per_tok, dim=-1).indices
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias
+        if c.grouped_routing:
+            choice = self.limit_to_groups(choice)
+        idx = torch.topk(choice, c.num_experts_per_tok, dim=-1).indices
         weights = scores.gather(1, idx)
         if c.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         if self.training:
             self.load += count_per_expert(idx, c.n_routed_experts).to(self.load.dtype)
         return weights * c.routed_scaling_factor, idx
+
+    def limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Mask (-inf) every expert outside the token's topk_group best groups. A group ranks by
+        the sum of its top-2 choice scores (V3's noaux_tc) or by its best score (V2's
+        group_limited_greedy). (V2 masks with 0 rather than -inf; no masked expert is ever picked
+        since top-k fits in the allowed groups, a config invariant, so the result is the same.)"""
+        c = self.cfg
+        groups = choice.view(-1, c.n_group, c.n_routed_experts // c.n_group)
+        rank = groups.topk(2, dim=-1).values.sum(-1) if c.topk_method == "noaux_tc" else groups.amax(-1)
+        best = torch.topk(rank, c.topk_group, dim=-1).indices
+        keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, best, True)
+        return groups.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor | None = None) -> None:
@@ -362,7 +377,7 @@ class PerseusLM(nn.Module):
         if absorb is None:
             absorb = cache is not None
         positions = torch.arange(past_len, past_len + t, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
-        cos, sin = rope_cos_sin(positions, self.rope_dim(), self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.cfg, self.rope_dim())
         x = self.model.embed_tokens(input_ids)
         presents = []
         for i, layer in enumerate(self.model.layers):
