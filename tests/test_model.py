@@ -166,7 +166,8 @@ def test_hf_deepseek_v3_logits_match(arch, q_lora_rank, make_checkpoint):
     (dict(kv_lora_rank=65), "kv_lora_rank 65"),
     (dict(arch="transformer-xl"), "unknown architecture"),
     (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
-    (dict(vocab_size=70000), "uint16"),
+    (dict(n_group=3), "n_group 3 must divide n_routed_experts"),
+    (dict(scoring_func="softmax"), 'topk_method .noaux_tc. does not go with scoring_func .softmax.'),
 ])
 def test_impossible_configs_are_refused(change, message):
     with pytest.raises(PerseusError, match=message):
