@@ -250,7 +250,9 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    res = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    res = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "commit": commit,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                        "load_avg_at_start": os.getloadavg()},
            "model": args.model, "max_tokens": args.max_tokens, "requests": args.requests}
