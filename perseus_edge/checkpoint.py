@@ -157,3 +157,14 @@ def _fit_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, to
                 state.setdefault(f"model.layers.{i}.mlp.gate.e_score_correction_bias",
                                  torch.zeros(cfg.n_routed_experts))
     return state
+
+
+def random_checkpoint(folder: Path, cfg: ModelConfig, tokenizer_json: Path | str, seed: int = 0,
+                      **save_options) -> Path:
+    """A checkpoint of `cfg` with random weights, router biases perturbed as after training (so
+    routing is not uniform): what tests and measurements use where no trained model is needed."""
+    torch.manual_seed(seed)
+    model = PerseusLM(cfg)
+    for router in model.routers():
+        router.e_score_correction_bias.normal_(0, 0.05)
+    return save_checkpoint(folder, model, tokenizer_json, **save_options)

@@ -69,24 +69,16 @@ def make_checkpoint(tmp_path_factory, tiny_tokenizer):
     Randomly initialised `tiny` preset (router biases perturbed so routing is non-trivial),
     cached per argument set for the whole session.
     """
-    import torch
-
-    from perseus_edge.checkpoint import save_checkpoint
+    from perseus_edge.checkpoint import random_checkpoint
     from perseus_edge.model.config import preset
-    from perseus_edge.model.transformer import PerseusLM
 
     cache: dict = {}
 
     def make(arch: str = "moe-mla-rope", seed: int = 0, **overrides) -> Path:
         key = (arch, seed, tuple(sorted(overrides.items())))
         if key not in cache:
-            torch.manual_seed(seed)
-            model = PerseusLM(preset("tiny", arch, **overrides))
-            for router in model.routers():
-                router.e_score_correction_bias.normal_(0, 0.05)
             folder = tmp_path_factory.mktemp(f"ckpt-{arch}") / "ckpt"
-            save_checkpoint(folder, model, tiny_tokenizer)
-            cache[key] = folder
+            cache[key] = random_checkpoint(folder, preset("tiny", arch, **overrides), tiny_tokenizer, seed)
         return cache[key]
 
     return make

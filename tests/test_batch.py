@@ -19,8 +19,7 @@ from perseus_edge.errors import PerseusError
 pytest.importorskip("onnx")
 pytest.importorskip("torch")
 
-from perseus_edge.export import export_checkpoint  # noqa: E402
-from perseus_edge.quantize import quantize_model  # noqa: E402
+from perseus_edge.build import export_checkpoint, quantize_model  # noqa: E402
 from perseus_edge.runtime.model import Model  # noqa: E402
 
 LENGTHS = [5, 11, 8]  # prompt lengths: the rows decode at positions 5, 11 and 8
@@ -49,9 +48,9 @@ def folder(make_checkpoint, tmp_path_factory):
         key = (arch, target, scheme)
         if key not in cache:
             root = tmp_path_factory.mktemp(f"batch-{arch}-{target}-{scheme}")
-            out = export_checkpoint(make_checkpoint(arch), root / "fp32", target=target)
-            if scheme == "int8":
-                out = quantize_model(out, root / "int8", "int8", kv_cache="int8")
+            out = export_checkpoint(make_checkpoint(arch), root / "fp32", target="portable" if scheme == "int8" else target)
+            if scheme == "int8":  # lowering comes after quantization
+                out = quantize_model(out, root / "int8", "int8", kv_cache="int8", target=target)
             cache[key] = out
         return cache[key]
 

@@ -24,7 +24,7 @@ from perseus_edge.model.config import ARCHS
 onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 
-from perseus_edge.export import export_checkpoint  # noqa: E402
+from perseus_edge.build import export_checkpoint  # noqa: E402
 from perseus_edge.export.session import CachedSession  # noqa: E402
 
 PROMPT, STEPS, TOL = 32, 64, 1e-4
@@ -85,8 +85,8 @@ def test_portable_matches_pytorch(arch, exported, make_checkpoint):
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_lowered_matches_pytorch(arch, exported, make_checkpoint):
     folder = exported(arch, "ort-cpu")
-    meta = verify_folder(folder)[mf.EXPORT_META]
-    assert meta["target"] == "ort-cpu" and meta["lowered"] == ["moe_to_ort"]
+    meta = verify_folder(folder)[mf.LOWER_META]
+    assert meta["target"] == "ort-cpu" and meta["passes"] == ["moe_to_ort"]
     ops = {(n.domain, n.op_type) for n in onnx.load(str(folder / mf.MODEL_ONNX)).graph.node}
     assert ("com.microsoft", "MoE") in ops and (mf.PERSEUS_DOMAIN, mf.OP_MOE) not in ops
     assert_parity(folder, make_checkpoint(arch))
@@ -115,8 +115,8 @@ def test_chunked_prefill_equals_one_prefill(arch, exported):
 
 
 def test_dense_archs_have_nothing_to_lower(exported):
-    meta = verify_folder(exported("mha", "ort-cpu"))[mf.EXPORT_META]
-    assert meta["target"] == "ort-cpu" and meta["lowered"] == []
+    meta = verify_folder(exported("mha", "ort-cpu"))[mf.LOWER_META]
+    assert meta["target"] == "ort-cpu" and meta["passes"] == []
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -191,7 +191,8 @@ def test_folder_files_and_generation_config(exported):
     manifest = verify_folder(folder, mf.KIND_ONNX)
     assert set(manifest["files"]) == {mf.MODEL_ONNX, mf.CONFIG, mf.TOKENIZER, mf.GENERATION_CONFIG}
     meta = manifest[mf.EXPORT_META]
-    assert meta["opset"] == 24 and meta["target"] == "portable" and len(meta["source_checkpoint"]["sha256"]) == 64
+    assert meta["opset"] == 24 and len(meta["source_checkpoint"]["sha256"]) == 64
+    assert manifest[mf.LOWER_META]["target"] == "portable"
     gen = json.loads((folder / mf.GENERATION_CONFIG).read_text())
     assert gen["eos_token_id"] == load_tokenizer(folder / mf.TOKENIZER).token_to_id(EOS)
     assert gen["max_context"] == 256 and 0 < gen["temperature"]

@@ -5,13 +5,14 @@ Floors, bottom to top (README "Architecture"):
     ground    errors, manifest, modelfile/, model/config, tokenizer, sampling, data, train_config
     runtime   runtime/, api                 (never torch)
     torch     model/transformer, optim, checkpoint, train, reference
-    compiler  export/ | quantize/ | lower/  (three stages), then build (composes them)
+    compiler  export/ | quantize/, then lower/ (it packs the experts the quantizer left to its
+              kernels), then build (composes the stages: folder in, folder out, cached builds)
     tools     bench/, profile | serve/
     cli       cli/
 
 Sides of one floor may import the floors below, never each other: the runtime never reaches the
 torch code (the device runs without torch) and the reference never leans on the runtime it is
-the check for; the compiler's stages meet only through the `Program` they hand on. The scan
+the check for; export and quantize meet only through the `Program` they hand on. The scan
 reads every `import` statement, including the lazy ones inside functions.
 """
 
@@ -45,8 +46,8 @@ FLOORS = {
     "perseus_edge.reference": (1, "torch"),
     "perseus_edge.export": (2, "export"),
     "perseus_edge.quantize": (2, "quantize"),
-    "perseus_edge.lower": (2, "lower"),
-    "perseus_edge.build": (2.5, "compiler"),
+    "perseus_edge.lower": (2.2, "lower"),
+    "perseus_edge.build": (2.5, "build"),
     "perseus_edge.bench": (3, "tools"),
     "perseus_edge.profile": (3, "tools"),
     "perseus_edge.serve": (3, "serve"),

@@ -36,8 +36,7 @@ pytest.importorskip("torch")  # the tests export their tiny checkpoints
 
 from onnx import numpy_helper  # noqa: E402
 
-from perseus_edge.export import export_checkpoint  # noqa: E402
-from perseus_edge.quantize import quantize_model  # noqa: E402
+from perseus_edge.build import export_checkpoint, quantize_model  # noqa: E402
 from perseus_edge.quantize import weights as qw  # noqa: E402
 from perseus_edge.runtime.model import Model  # noqa: E402
 
@@ -66,7 +65,7 @@ def quantized(exported, tmp_path_factory):
         key = (scheme, arch, target, tuple(sorted(options.items())))
         if key not in cache:
             out = tmp_path_factory.mktemp(f"{scheme}-{arch}-{target}") / "model"
-            cache[key] = quantize_model(exported(arch, target), out, scheme, **options)
+            cache[key] = quantize_model(exported(arch), out, scheme, target=target, **options)
         return cache[key]
 
     return get
@@ -313,7 +312,8 @@ def test_manifest_and_folder(exported, quantized):
     assert meta["scheme"] == "int4" and meta["kv_cache"] == "int8" and meta["block_size"] == 32
     assert meta["perseus_ops"] == ["LatentAttention", "MoE"]
     assert meta["source"]["sha256"] == __import__("hashlib").sha256((base / "manifest.json").read_bytes()).hexdigest()
-    assert manifest[mf.EXPORT_META]["target"] == "portable"  # the export metadata is kept
+    assert manifest[mf.EXPORT_META]["source_checkpoint"]  # the export metadata is kept
+    assert manifest[mf.LOWER_META]["target"] == "portable"
     assert set(manifest["files"]) == {mf.MODEL_ONNX, mf.CONFIG, mf.TOKENIZER, mf.GENERATION_CONFIG}
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
     size = sum(p.stat().st_size for p in folder.iterdir())
@@ -341,8 +341,12 @@ def test_bad_input_api(exported, quantized, tmp_path):
         quantize_model(quantized("int8"), tmp_path / "a", "int4")
     with pytest.raises(PerseusError, match="unknown scheme 'int3'"):
         quantize_model(base, tmp_path / "b", "int3")
+    with pytest.raises(PerseusError, match="unknown isa"):
+        quantize_model(base, tmp_path / "b", "int8", isa="riscv")
     with pytest.raises(PerseusError, match="unknown target"):
         quantize_model(base, tmp_path / "b", "int8", target="riscv")
+    with pytest.raises(PerseusError, match="lowered for ort-cpu: quantize the portable export"):
+        quantize_model(exported("moe-mla-rope", "ort-cpu"), tmp_path / "b", "int8")
     with pytest.raises(PerseusError, match="only makes sense with --kv-cache int8"):
         quantize_model(base, tmp_path / "b", "fp32")
     with pytest.raises(PerseusError, match="is the model folder itself"):
@@ -370,12 +374,12 @@ def test_bad_input_api(exported, quantized, tmp_path):
 
 
 def test_failed_rewrite_leaves_nothing(exported, tmp_path, monkeypatch):
-    from perseus_edge.quantize import pipeline
+    from perseus_edge.modelfile import writer
 
     def broken(folder):
         raise PerseusError("simulated failure after the folder was written")
 
-    monkeypatch.setattr(pipeline, "validate", broken)
+    monkeypatch.setattr(writer, "validate", broken)
     with pytest.raises(PerseusError, match="simulated"):
         quantize_model(exported(), tmp_path / "out", "int4")
     assert list(tmp_path.iterdir()) == []
@@ -415,7 +419,7 @@ def test_cli_quantize_and_torch_free(exported, tmp_path):
         sys.meta_path.insert(0, _NoTorch())
         import perseus_edge.cli
         sys.argv = ["perseus", "quantize", {str(exported())!r}, "-o", {str(out)!r}, "--scheme", "int4",
-                    "--kv-cache", "int8", "--target", "arm64"]
+                    "--kv-cache", "int8", "--isa", "arm64"]
         try:
             perseus_edge.cli.main()
         except SystemExit as e:
@@ -425,4 +429,4 @@ def test_cli_quantize_and_torch_free(exported, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "quantized" in proc.stdout and "int4-kv8" in proc.stdout and "arm64" in proc.stdout
-    assert verify_folder(out)[mf.QUANT_META]["target"] == "arm64"
+    assert verify_folder(out)[mf.QUANT_META]["isa"] == "arm64"

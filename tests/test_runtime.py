@@ -109,12 +109,14 @@ def toy(tmp_path_factory, tiny_tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def export_arch(tmp_path_factory, make_checkpoint):
-    """export_arch(arch) -> fp32 export of the tiny checkpoint (skips until the exporter exists)."""
+    """export_arch(arch) -> fp32 export of the tiny checkpoint."""
+    from perseus_edge.build import export_checkpoint
+
     done: dict = {}
 
     def export(arch: str) -> Path:
         if arch not in done:
-            done[arch] = _exporter()(make_checkpoint(arch), tmp_path_factory.mktemp("onnx") / arch)
+            done[arch] = export_checkpoint(make_checkpoint(arch), tmp_path_factory.mktemp("onnx") / arch)
         return done[arch]
 
     return export
@@ -123,17 +125,6 @@ def export_arch(tmp_path_factory, make_checkpoint):
 @pytest.fixture(scope="module")
 def exported(export_arch) -> Path:
     return export_arch("moe-mla-rope")
-
-
-def _exporter():
-    try:
-        from perseus_edge.export import export_checkpoint
-    except ImportError:
-        try:  # the public name may not be re-exported yet
-            from perseus_edge.export.pipeline import export_checkpoint
-        except ImportError:
-            pytest.skip("perseus_edge.export.export_checkpoint is not available yet")
-    return export_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -361,7 +352,7 @@ def test_stop_strings_and_tokens(toy):
 
 def test_low_memory_and_ort_format_toy(toy, tmp_path):
     from perseus_edge.runtime.generate import Generator
-    from perseus_edge.runtime.ort_format import convert_to_ort
+    from perseus_edge.lower.ort_format import convert_to_ort
 
     ref = Generator(toy, threads=1).generate("Once upon a time", 12, ignore_eos=True)
     low = Generator(toy, threads=1, low_memory=True).generate("Once upon a time", 12, ignore_eos=True)
@@ -591,7 +582,7 @@ def test_parity_with_pytorch_reference(arch, export_arch, make_checkpoint):
 
 def test_exported_ort_format_same_tokens(exported, tmp_path):
     from perseus_edge.runtime.generate import Generator
-    from perseus_edge.runtime.ort_format import convert_to_ort
+    from perseus_edge.lower.ort_format import convert_to_ort
 
     folder = shutil.copytree(exported, tmp_path / "m")
     convert_to_ort(folder)
@@ -622,10 +613,7 @@ def test_exported_evaluate_matches_pytorch(exported, make_checkpoint, valid_text
 
 
 def test_demo_exports_once_then_uses_cache(make_checkpoint, tmp_path, monkeypatch, capsys):
-    import perseus_edge.export
     from perseus_edge.cli import run as commands
-
-    monkeypatch.setattr(perseus_edge.export, "export_checkpoint", _exporter(), raising=False)
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     ckpt = make_checkpoint("moe-mla-rope")
@@ -638,7 +626,7 @@ def test_demo_exports_once_then_uses_cache(make_checkpoint, tmp_path, monkeypatc
     commands.demo(**args)
     second = capsys.readouterr()
     assert "first run" not in second.err and second.out == first.out  # cached, same seed
-    assert list((tmp_path / "cache" / "perseus-edge" / "demo").iterdir())
+    assert list((tmp_path / "cache" / "perseus-edge" / "builds").iterdir())
 
 
 def test_demo_without_default_model_says_so(monkeypatch, tmp_path):

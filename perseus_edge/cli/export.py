@@ -42,10 +42,10 @@ def export(
         return
     if format != "onnx":
         raise PerseusError(f"unknown --format {format!r} (choose from onnx, gguf)")
-    from perseus_edge.export import TARGETS, export_checkpoint
+    from perseus_edge.build import export_checkpoint
+    from perseus_edge.lower import check_target
 
-    if target not in TARGETS:  # before torch is imported
-        raise PerseusError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    check_target(target)  # before torch is imported
     start = time.perf_counter()
     out = export_checkpoint(checkpoint, output, target=target, max_context=max_context, force=force,
                             tokenizer=tokenizer)

@@ -19,8 +19,11 @@ def quantize(
     scheme: str = typer.Option(..., "--scheme",
                                help="int8 (dynamic int8 matmuls), int4 (block-wise weight-only, MatMulNBits), "
                                     "fp16 (weight storage) or fp32 (weights untouched; with --kv-cache int8)."),
-    target: str = typer.Option("auto", "--target",
-                               help="Hardware settings: auto (this machine), avx512_vnni, avx512, avx2, arm64."),
+    target: str = typer.Option("portable", "--target",
+                               help="Lowering after quantization: portable, or ort-cpu (onnxruntime CPU kernels, "
+                                    "experts in QMoE)."),
+    isa: str = typer.Option("auto", "--isa",
+                            help="Instruction-set settings: auto (this machine), avx512_vnni, avx512, avx2, arm64."),
     kv_cache: str = typer.Option("fp32", "--kv-cache", help="fp32, or int8 (per-token scales, ~3.8x fewer bytes)."),
     block_size: int = typer.Option(32, "--block-size", help="int4: weights per scale (power of two >= 16)."),
     method: str = typer.Option("rtn", "--method",
@@ -34,10 +37,10 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace the output folder whatever it holds."),
 ) -> None:
     """Quantize an exported model folder (perseus ops kept; manifest records the scheme)."""
-    from perseus_edge.quantize import quantize_model
-    from perseus_edge.quantize.settings import Plan
+    from perseus_edge.build import quantize_model
+    from perseus_edge.quantize import Plan
 
-    options = dict(target=target, kv_cache=kv_cache, block_size=block_size, method=method, format=format,
+    options = dict(target=target, isa=isa, kv_cache=kv_cache, block_size=block_size, method=method, format=format,
                    embeddings=embeddings, lm_head=lm_head)
     plan = Plan.make(scheme, **options)  # bad options fail before any work
     start = time.perf_counter()
@@ -46,7 +49,7 @@ def quantize(
     def size(folder: Path) -> float:
         return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 2**20
 
-    print(f"quantized {model_dir} -> {out} ({plan.kind_suffix}, target {plan.target}; "
+    print(f"quantized {model_dir} -> {out} ({plan.kind_suffix}, {plan.target}, isa {plan.isa}; "
           f"{size(Path(model_dir)):.1f} MiB -> {size(out):.1f} MiB) in {time.perf_counter() - start:.1f}s")
 
 

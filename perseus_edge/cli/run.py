@@ -205,7 +205,7 @@ def to_ort(
                                         help="portable, arm, or amd64 (x86-only layouts)."),
 ) -> None:
     """Add model.ort (ORT mobile format) and its required-operator list to a model folder."""
-    from perseus_edge.runtime.ort_format import convert_to_ort
+    from perseus_edge.lower.ort_format import convert_to_ort
 
     out = convert_to_ort(model_dir, target_platform)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB) and {out.parent / 'model.required_operators.config'}")

@@ -1,14 +1,11 @@
-"""`export_checkpoint`: checkpoint folder -> deployable model folder, as a short pipeline.
+"""`export`: checkpoint folder -> `Program` (the portable graph in memory), as a short pipeline.
 
     load     verify the checkpoint's manifest, rebuild the PyTorch model      (checkpoint.py)
     prepare  tensors in graph layout: transposes, RoPE lanes, MLA absorption  (weights.py)
     build    the portable graph with the perseus ops as local functions       (build.py, ops.py)
-    lower    optional rewrites into onnxruntime kernels (--target ort-cpu)    (lower.py)
-    save     model.onnx(+.data), config, tokenizer, generation config,
-             manifest; then onnx.checker (full) on what was written           (save.py)
 
-Each stage is a plain function of the previous stage's result, testable alone. Everything is
-written into a temp folder that replaces the destination in one rename at the end.
+Each step is a plain function of the previous step's result, testable alone. What comes next is
+the caller's: `quantize`, `lower`, then `modelfile.writer.save` (composed in `perseus_edge.build`).
 """
 
 from __future__ import annotations
@@ -18,23 +15,20 @@ import json
 import os
 from pathlib import Path
 
-from perseus_edge import modelfile as mf
 from perseus_edge.errors import PerseusError
-from perseus_edge.export import TARGETS
-from perseus_edge.manifest import MANIFEST, atomic_folder, read_manifest, sha256_file
+from perseus_edge.manifest import MANIFEST, read_manifest, sha256_file
+from perseus_edge.modelfile import names as mf
+from perseus_edge.modelfile.program import Program
 
 
-def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, target: str = "portable",
-                      max_context: int | None = None, force: bool = False,
-                      tokenizer: str | os.PathLike | None = None) -> Path:
-    """Export the checkpoint in `ckpt_dir` as a model folder at `out_dir`; returns `out_dir`.
+def export(checkpoint: str | os.PathLike, max_context: int | None = None,
+           tokenizer: str | os.PathLike | None = None) -> Program:
+    """The portable program of the checkpoint folder `checkpoint`.
 
-    `ckpt_dir` is a perseus checkpoint or a transformers DeepSeek-V2/V3 folder (no manifest
+    `checkpoint` is a perseus checkpoint or a transformers DeepSeek-V2/V3 folder (no manifest
     needed); `tokenizer` replaces (or supplies) its tokenizer.json.
 
     max_context: cache rows (default: the model's max_position_embeddings, also the upper bound).
-    force: replace whatever `out_dir` holds. Without it, a non-empty `out_dir` is only replaced
-    when it holds an earlier export of the same checkpoint.
     """
     import onnx
     import torch
@@ -42,41 +36,32 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, t
     from perseus_edge import __version__
     from perseus_edge.checkpoint import load_checkpoint
     from perseus_edge.export.build import build
-    from perseus_edge.modelfile.graph import OPSET
-    from perseus_edge.export.lower import lower
-    from perseus_edge.modelfile.writer import save_folder
     from perseus_edge.export.weights import prepare
+    from perseus_edge.modelfile.graph import OPSET
+    from perseus_edge.modelfile.writer import generation_config
+    from perseus_edge.tokenizer import load_tokenizer
 
-    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    if target not in TARGETS:
-        raise PerseusError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    ckpt = Path(checkpoint)
     if max_context is not None and max_context < 1:
         raise PerseusError(f"--max-context must be positive, got {max_context}")
-    source_sha = _checkpoint_sha(ckpt_dir)
-    replace = _may_replace(ckpt_dir, out_dir, source_sha, force)
-    with atomic_folder(out_dir, force=replace) as tmp:
-        model, tokenizer = load_checkpoint(ckpt_dir, tokenizer=tokenizer)
-        cfg = model.cfg
-        context = _context(cfg, max_context)
-        graph = build(cfg, prepare(model, context), context)
-        del model
-        graph, rewrites = lower(graph, target)
-        meta = {"target": target, "opset": OPSET, "max_context": context, "arch": cfg.arch,
-                "perseus_ops": sorted({n.op_type for n in graph.graph.node if n.domain == mf.PERSEUS_DOMAIN}),
-                "lowered": rewrites,
-                "source_checkpoint": {"path": str(ckpt_dir.absolute()), "sha256": source_sha},
-                "exporter": {"perseus_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__}}
-        try:
-            save_folder(tmp, graph, cfg, tokenizer, context, meta)
-        except OSError as e:
-            raise PerseusError(f"cannot write the model folder {out_dir}: {e.strerror or e}") from None
-        onnx.checker.check_model(str(tmp / mf.MODEL_ONNX), full_check=True)
-    return out_dir
+    source_sha = checkpoint_sha(ckpt)
+    model, tokenizer_path = load_checkpoint(ckpt, tokenizer=tokenizer)
+    cfg = model.cfg
+    context = _context(cfg, max_context)
+    graph = build(cfg, prepare(model, context), context)
+    del model
+    record = {"opset": OPSET, "max_context": context, "arch": cfg.arch,
+              "source_checkpoint": {"path": str(ckpt.absolute()), "sha256": source_sha},
+              "exporter": {"perseus_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__}}
+    tokenizer = Path(tokenizer_path).read_bytes()
+    generation = generation_config(load_tokenizer(tokenizer_path), context)
+    return Program(graph, cfg, tokenizer, generation, mf.KIND_ONNX, {mf.EXPORT_META: record})
 
 
-def _checkpoint_sha(ckpt_dir: Path) -> str:
-    """Identity of the source: the sha256 of its manifest, which lists the sha256 of every file;
+def checkpoint_sha(ckpt_dir: Path) -> str:
+    """Identity of a checkpoint: the sha256 of its manifest, which lists the sha256 of every file;
     for a folder without one (transformers' save_pretrained), the sha256 of the same listing."""
+    ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise PerseusError(f"checkpoint folder not found: {ckpt_dir}")
     from perseus_edge.checkpoint import is_transformers_folder
@@ -87,33 +72,6 @@ def _checkpoint_sha(ckpt_dir: Path) -> str:
         return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
     read_manifest(ckpt_dir)  # a clear error for a missing or unreadable manifest
     return sha256_file(ckpt_dir / MANIFEST)
-
-
-def _may_replace(ckpt_dir: Path, out_dir: Path, source_sha: str, force: bool) -> bool:
-    """Whether `out_dir` may be replaced; raises when it must not be touched."""
-    out, src = out_dir.absolute(), ckpt_dir.absolute()
-    if out == src or src in out.parents:
-        raise PerseusError(f"the output folder {out_dir} is inside the checkpoint {ckpt_dir}")
-    if out in src.parents:
-        raise PerseusError(f"the output folder {out_dir} would replace the checkpoint {ckpt_dir}")
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise PerseusError(f"{out_dir} exists and is not a folder")
-    if force or not any(out.iterdir()):
-        return True
-    try:
-        manifest = read_manifest(out)
-    except PerseusError:
-        raise PerseusError(f"{out_dir} already exists and is not empty (use --force to replace it)") from None
-    source = (manifest.get(mf.EXPORT_META) or {}).get("source_checkpoint") or {}
-    is_export = manifest.get("kind") == mf.KIND_ONNX
-    if is_export and source.get("sha256") == source_sha:
-        return True  # an earlier export of this same checkpoint
-    what = (f"a model exported from {source['path']}" if is_export and source.get("path")
-            else f"a {manifest.get('kind')!r} folder")
-    raise PerseusError(f"{out_dir} already holds {what}, not an export of {ckpt_dir} "
-                       f"(use --force to replace it)")
 
 
 def _context(cfg, max_context: int | None) -> int:

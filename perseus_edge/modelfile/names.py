@@ -48,9 +48,15 @@ OP_ATTENTION = "Attention"  # MHA baseline, same cache contract
 OP_MOE = "MoE"
 
 # manifest.json of an exported folder: kind, and the key holding the export metadata
-# ({"target", "opset", "perseus_ops", "max_context", "source_checkpoint": {"path", "sha256"}, ...})
+# ({"opset", "perseus_ops", "max_context", "source_checkpoint": {"path", "sha256"}, ...})
 KIND_ONNX = "onnx"
 EXPORT_META = "export"
+
+# Lowering targets: `portable` (standard ONNX + the perseus functions, any ONNX runtime) and
+# `ort-cpu` (onnxruntime CPU kernels where they measure faster). The manifest key LOWER_META holds
+# {"target", "passes", ...}; a folder without it is portable.
+TARGETS = ("portable", "ort-cpu")
+LOWER_META = "lowering"
 
 
 def cache_slots(is_mla: bool) -> tuple[str, str]:
@@ -83,7 +89,7 @@ def cache_scale_slot(slot: str) -> str:
 
 
 # manifest.json of a quantized folder: kind "onnx-<scheme>" and this key holding the scheme and
-# its settings ({"scheme", "target", "weights": {...}, "kv_cache", "source": {"path", "sha256"}, ...})
+# its settings ({"scheme", "isa", "target", "weights": {...}, "kv_cache", "source": {"path", "sha256"}, ...})
 QUANT_META = "quantization"
 
 __all__ = [name for name in dir() if name.isupper() or name in (

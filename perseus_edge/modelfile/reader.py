@@ -18,6 +18,7 @@ from perseus_edge.errors import PerseusError
 from perseus_edge.manifest import read_manifest, verify_folder
 from perseus_edge.model.config import ModelConfig
 from perseus_edge.modelfile import names as mf
+from perseus_edge.modelfile.program import Program
 from perseus_edge.tokenizer import EOS, check_vocab, load_tokenizer
 
 FORMATS = ("auto", "onnx", "ort")
@@ -79,3 +80,17 @@ def open_folder(path: str | os.PathLike, format: str = "auto", verify: bool = Tr
     tokenizer = load_tokenizer(path / mf.TOKENIZER)
     check_vocab(tokenizer, config.vocab_size, where=f"the model in {path}")
     return ModelFolder(path, manifest, config, generation, tokenizer, graph, format)
+
+
+def load(path: str | os.PathLike, verify: bool = True) -> Program:
+    """The whole model folder in memory (graph with its weights), to hand to a compiler stage."""
+    import onnx
+
+    folder = open_folder(path, format="onnx", verify=verify)
+    try:
+        graph = onnx.load(str(folder.graph))
+    except Exception as e:  # noqa: BLE001 - onnx raises several types, all with a message
+        raise PerseusError(f"cannot read {folder.graph}: {str(e).strip().splitlines()[0]}") from None
+    records = {k: v for k, v in folder.manifest.items() if k not in ("format", "kind", "files")}
+    return Program(graph, folder.config, (folder.path / mf.TOKENIZER).read_bytes(), folder.generation,
+                   str(folder.manifest.get("kind")), records)

@@ -1,9 +1,9 @@
-"""Schemes, hardware targets and the resolved plan of one `perseus quantize` run (no onnx import).
+"""Schemes, instruction sets and the resolved plan of one `perseus quantize` run (no onnx import).
 
-Target settings follow optimum's `AutoQuantizationConfig` for dynamic int8 (activations uint8
+Instruction-set (`--isa`) settings follow optimum's `AutoQuantizationConfig` for dynamic int8 (activations uint8
 per tensor, weights int8 symmetric per channel) and onnxruntime's advice for its kernels:
 
-| target      | int8 weights        | reduce_range | int4 MatMulNBits accuracy_level |
+| isa         | int8 weights        | reduce_range | int4 MatMulNBits accuracy_level |
 |-------------|---------------------|--------------|---------------------------------|
 | avx512_vnni | int8 (u8 x s8 VNNI) | no           | 4 (int8 activations, VNNI dot products) |
 | avx512      | int8                | yes (7-bit: VPMADDUBSW saturation without VNNI) | 4 |
@@ -20,6 +20,7 @@ import platform
 from dataclasses import asdict, dataclass
 
 from perseus_edge.errors import PerseusError
+from perseus_edge.modelfile.names import TARGETS
 
 SCHEMES = ("int8", "int4", "fp16", "fp32")
 KV_CACHES = ("fp32", "int8")
@@ -29,26 +30,31 @@ FORMATS = ("qoperator", "qdq")
 
 
 @dataclass(frozen=True)
-class Target:
+class Isa:
     unsigned_int8: bool
     reduce_range: bool
     accuracy_level: int
 
 
-TARGETS = {
-    "avx512_vnni": Target(unsigned_int8=False, reduce_range=False, accuracy_level=4),
-    "avx512": Target(unsigned_int8=False, reduce_range=True, accuracy_level=4),
-    "avx2": Target(unsigned_int8=True, reduce_range=True, accuracy_level=4),
-    "arm64": Target(unsigned_int8=False, reduce_range=False, accuracy_level=4),
+ISAS = {
+    "avx512_vnni": Isa(unsigned_int8=False, reduce_range=False, accuracy_level=4),
+    "avx512": Isa(unsigned_int8=False, reduce_range=True, accuracy_level=4),
+    "avx2": Isa(unsigned_int8=True, reduce_range=True, accuracy_level=4),
+    "arm64": Isa(unsigned_int8=False, reduce_range=False, accuracy_level=4),
 }
+
+# Lowering targets whose kernels take the perseus.MoE weights in their own layout: for these the
+# quantizer leaves the op's inputs in float and records the experts' settings, and `lower`
+# quantizes them for the kernel (ort-cpu: com.microsoft.QMoE).
+KERNEL_EXPERTS = ("ort-cpu",)
 
 # what the embedding table and the LM head get by default, per scheme (measured: README.md)
 DEFAULT_TABLES = {"int8": ("int8", "int8"), "int4": ("int4", "int4"), "fp16": ("fp32", "fp32"),
                   "fp32": ("fp32", "fp32")}
 
 
-def host_target() -> str:
-    """The target of the machine running this: arm64, or the best x86 level its CPU reports."""
+def host_isa() -> str:
+    """The instruction set of the machine running this: arm64, or the best x86 level its CPU reports."""
     machine = platform.machine().lower()
     if machine in ("arm64", "aarch64"):
         return "arm64"
@@ -63,12 +69,12 @@ def host_target() -> str:
     return "avx2"
 
 
-def resolve_target(target: str | None) -> str:
-    if target in (None, "", "auto"):
-        return host_target()
-    if target not in TARGETS:
-        raise PerseusError(f"unknown target {target!r} (choose from auto, {', '.join(TARGETS)})")
-    return target
+def resolve_isa(isa: str | None) -> str:
+    if isa in (None, "", "auto"):
+        return host_isa()
+    if isa not in ISAS:
+        raise PerseusError(f"unknown isa {isa!r} (choose from auto, {', '.join(ISAS)})")
+    return isa
 
 
 @dataclass
@@ -76,18 +82,19 @@ class Plan:
     """Every setting of one run, validated; stored in the manifest under `quantization`."""
 
     scheme: str
-    target: str = "auto"
+    isa: str = "auto"
+    target: str = "portable"  # the lowering target the program is quantized for
     kv_cache: str = "fp32"
     block_size: int = 32
     method: str = "rtn"
     embeddings: str | None = None
     lm_head: str | None = None
-    accuracy_level: int | None = None  # MatMulNBits / QMoE; None: the target's
+    accuracy_level: int | None = None  # MatMulNBits / QMoE; None: the isa's
     format: str = "qoperator"  # int4: quantized ops in the graph / function bodies, or qdq weights
 
     @classmethod
-    def make(cls, scheme: str, target: str | None = "auto", kv_cache: str = "fp32", block_size: int = 32,
-             method: str = "rtn", embeddings: str | None = None, lm_head: str | None = None,
+    def make(cls, scheme: str, isa: str | None = "auto", target: str = "portable", kv_cache: str = "fp32",
+             block_size: int = 32, method: str = "rtn", embeddings: str | None = None, lm_head: str | None = None,
              accuracy_level: int | None = None, format: str = "qoperator", **unknown) -> "Plan":
         if unknown:
             raise PerseusError(f"unknown quantization option(s): {', '.join(sorted(unknown))}")
@@ -114,14 +121,22 @@ class Plan:
             raise PerseusError("--format qdq writes int4 rtn weights: use it with --scheme int4 --method rtn")
         if accuracy_level not in (None, 0, 1, 4):
             raise PerseusError(f"accuracy_level must be 0, 1 or 4, got {accuracy_level}")
-        target = resolve_target(target)
+        if target not in TARGETS:
+            raise PerseusError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
+        isa = resolve_isa(isa)
         if accuracy_level is None:
-            accuracy_level = TARGETS[target].accuracy_level
-        return cls(scheme, target, kv_cache, block_size, method, embeddings, lm_head, accuracy_level, format)
+            accuracy_level = ISAS[isa].accuracy_level
+        return cls(scheme, isa, target, kv_cache, block_size, method, embeddings, lm_head, accuracy_level,
+                   format)
 
     @property
-    def settings(self) -> Target:
-        return TARGETS[self.target]
+    def settings(self) -> Isa:
+        return ISAS[self.isa]
+
+    @property
+    def kernel_experts(self) -> bool:
+        """Whether the target's lowering quantizes the perseus.MoE experts (not this stage)."""
+        return self.target in KERNEL_EXPERTS
 
     @property
     def kind_suffix(self) -> str:

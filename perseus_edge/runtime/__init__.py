@@ -5,17 +5,16 @@
     print(gen.generate("Once upon a time", max_new_tokens=64, temperature=0).text)
 
 Modules, one job each (llama2.c's run.c, in Python over ONNX Runtime):
-    session    check the folder (manifest, config, tokenizer, vocab), create the ORT session
+    session    the ORT session of a folder opened by `perseus_edge.modelfile.reader.open_folder`
+               (manifest sha256s, config, tokenizer, vocab), and the graph's interface
     cache      preallocated KV/latent cache buffers, bound in place (past.* == present.*)
     model      Model.forward(ids, positions, slot) -> logits: the only call that does math
-    sampling   Sampler: greedy / temperature / top-k / top-p / repetition penalty, seeded
     stream     incremental UTF-8-correct detokenisation, stop-string filter
     generate   Generator: prefill + decode loop, context policy, Result with timings
     timings    tok/s, time to first token, peak RSS; the llama.cpp-style report
     evaluate   perplexity over sequential windows (what `perseus eval` runs for ONNX folders)
-    ort_format model.ort + required-operator config for minimal ORT builds
-    demo       `perseus demo`: export/quantize once into a cache, then tell a story
-    commands   the CLI: perseus run / demo / to-ort
+
+Sampling (`perseus_edge.sampling.Sampler`) sits one floor down, shared with the PyTorch reference.
 
 Nothing here imports torch. Names are imported lazily so `import perseus_edge.runtime` is cheap.
 """
@@ -30,7 +29,6 @@ _EXPORTS = {
     "TextStream": "perseus_edge.runtime.stream",
     "Timings": "perseus_edge.runtime.timings",
     "evaluate": "perseus_edge.runtime.evaluate",
-    "convert_to_ort": "perseus_edge.runtime.ort_format",
     "open_folder": "perseus_edge.modelfile.reader",
 }
 __all__ = sorted(_EXPORTS)

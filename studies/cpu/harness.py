@@ -115,32 +115,27 @@ def _random_checkpoint(work: Path, preset_name: str, arch: str, seed: int, log) 
             return folder
     except PerseusError:
         pass
-    import torch
-
-    from perseus_edge.checkpoint import save_checkpoint
+    from perseus_edge.checkpoint import random_checkpoint
     from perseus_edge.model.config import preset
-    from perseus_edge.model.transformer import PerseusLM
     from perseus_edge.tokenizer import DEFAULT_TOKENIZER
 
     log(f"  random checkpoint {preset_name} {arch} (seed {seed}) -> {folder}")
-    torch.manual_seed(seed)
-    model = PerseusLM(preset(preset_name, arch))
-    for router in model.routers():  # as after training: routing not uniform
-        router.e_score_correction_bias.normal_(0, 0.05)
-    return save_checkpoint(folder, model, DEFAULT_TOKENIZER, meta={"random_init": True, "seed": seed})
+    return random_checkpoint(folder, preset(preset_name, arch), DEFAULT_TOKENIZER, seed,
+                             meta={"random_init": True, "seed": seed})
 
 
 def _export(ckpt: Path, out: Path, target: str, log) -> Path:
     from perseus_edge.manifest import read_manifest, sha256_file
 
     try:
-        meta = read_manifest(out).get("export") or {}
-        if (meta.get("target") == target
+        manifest = read_manifest(out)
+        meta = manifest.get("export") or {}
+        if ((manifest.get("lowering") or {}).get("target", "portable") == target
                 and meta.get("source_checkpoint", {}).get("sha256") == sha256_file(ckpt / "manifest.json")):
             return out
     except PerseusError:
         pass
-    from perseus_edge.export import export_checkpoint
+    from perseus_edge.build import export_checkpoint
 
     log(f"  export {ckpt.name} --target {target} -> {out}")
     return export_checkpoint(ckpt, out, target=target, force=True)
@@ -149,10 +144,10 @@ def _export(ckpt: Path, out: Path, target: str, log) -> Path:
 def quantizer() -> Callable | None:
     """`perseus_edge.quantize.quantize_model` if the quantizer has landed, else None."""
     try:
-        from perseus_edge import quantize
+        from perseus_edge import build
     except ImportError:
         return None
-    return getattr(quantize, "quantize_model", None)
+    return getattr(build, "quantize_model", None)
 
 
 def _quantize(src: Path, out: Path, scheme: str, log) -> Path:

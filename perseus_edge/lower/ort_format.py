@@ -1,4 +1,5 @@
-"""ORT mobile format: `model.ort` (+ the operator list for a minimal ORT build) beside model.onnx.
+"""The last, optional serialize step: ORT mobile format `model.ort` (+ the operator list for a
+minimal ORT build) beside model.onnx in a written model folder.
 
     perseus to-ort MODEL_DIR            # writes MODEL_DIR/model.ort, model.required_operators.config
     perseus run MODEL_DIR --format ort -p "..."
@@ -11,7 +12,8 @@ opset, op) the model needs; a mobile build made with
 `./build.sh --minimal_build --include_ops_by_config model.required_operators.config` contains
 only those kernels. Weights are stored inside model.ort (no external data file).
 
-Converting needs the `onnx` package (export/quantize machines); running the .ort does not.
+Converting needs the `onnx` package (the compiler's side); running the .ort does not (the runtime
+opens it with `perseus run --format ort`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from perseus_edge import modelfile as mf
 from perseus_edge.errors import PerseusError
 from perseus_edge.manifest import verify_folder, write_manifest
 
-TARGETS = ("portable", "arm", "amd64")
+PLATFORMS = ("portable", "arm", "amd64")
 
 
 def convert_to_ort(model_dir: str | os.PathLike, target_platform: str = "portable") -> Path:
@@ -38,8 +40,8 @@ def convert_to_ort(model_dir: str | os.PathLike, target_platform: str = "portabl
     import importlib.util
 
     folder = Path(model_dir)
-    if target_platform not in TARGETS:
-        raise PerseusError(f"unknown target platform {target_platform!r} (choose from {', '.join(TARGETS)})")
+    if target_platform not in PLATFORMS:
+        raise PerseusError(f"unknown target platform {target_platform!r} (choose from {', '.join(PLATFORMS)})")
     manifest = verify_folder(folder)
     if not str(manifest.get("kind", "")).startswith("onnx"):
         raise PerseusError(f"{folder} is not an exported ONNX model folder")

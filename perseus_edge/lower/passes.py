@@ -1,10 +1,10 @@
-"""Stage `lower`: optional rewrites of `perseus` ops into faster onnxruntime kernels.
+"""The lowering passes: rewrites of `perseus` ops into faster onnxruntime kernels, per target.
 
 `portable` (the default) keeps the graph as built: standard opset-24 operators plus the perseus
 functions, runnable by any ONNX runtime. `ort-cpu` applies the rewrites below; each edits the
 ModelProto in place and returns how many ops it replaced. A rewrite stays in this list only while
 it measures faster than the portable graph on onnxruntime's CPU provider
-(`python -m perseus_edge.export.measure`, numbers in export/README.md); the candidates that did
+(`python -m perseus_edge.lower.measure`, numbers in export/README.md); the candidates that did
 not pay off are described there, not kept here.
 """
 

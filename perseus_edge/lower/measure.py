@@ -1,8 +1,8 @@
 """Decode latency of exported graphs: portable vs lowered, near vs far in the context.
 
-    python -m perseus_edge.export.measure                        # 17m moe-mla-rope, random weights
-    python -m perseus_edge.export.measure --arch mha --threads 1 --positions 16 1000
-    python -m perseus_edge.export.measure --checkpoint CKPT      # a real checkpoint instead
+    python -m perseus_edge.lower.measure                        # 17m moe-mla-rope, random weights
+    python -m perseus_edge.lower.measure --arch mha --threads 1 --positions 16 1000
+    python -m perseus_edge.lower.measure --checkpoint CKPT      # a real checkpoint instead
 
 For every target it exports the checkpoint (random `preset` weights unless --checkpoint) and
 times, through the in-place IO binding the runtime uses: `pp{N}` a prefill of N tokens, and
@@ -24,24 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from perseus_edge.export import TARGETS, export_checkpoint
 from perseus_edge.export.session import CachedSession
-
-
-def random_checkpoint(folder: Path, preset_name: str, arch: str, seed: int = 0) -> Path:
-    """A checkpoint of `preset` with random weights (router biases perturbed, as after training)."""
-    import torch
-
-    from perseus_edge.checkpoint import save_checkpoint
-    from perseus_edge.model.config import preset
-    from perseus_edge.model.transformer import PerseusLM
-    from perseus_edge.tokenizer import DEFAULT_TOKENIZER
-
-    torch.manual_seed(seed)
-    model = PerseusLM(preset(preset_name, arch))
-    for router in model.routers():
-        router.e_score_correction_bias.normal_(0, 0.05)
-    return save_checkpoint(folder / "ckpt", model, DEFAULT_TOKENIZER)
+from perseus_edge.modelfile.names import TARGETS
 
 
 def time_decode(session: CachedSession, position: int, steps: int) -> float:
@@ -70,9 +54,14 @@ def _timed(session: CachedSession, ids: np.ndarray) -> float:
 
 def measure(ckpt: Path, workdir: Path, targets: list[str], positions: list[int], steps: int, rounds: int,
             prefill: int, threads: int | None, copy: bool) -> list[dict]:
+    from perseus_edge.export import export
+    from perseus_edge.lower import lower
+    from perseus_edge.modelfile.writer import save
+
+    program = export(ckpt)
     sessions = {}
     for target in targets:
-        folder = export_checkpoint(ckpt, workdir / target, target=target, force=True)
+        folder = save(lower(program, target), workdir / target, force=True)
         sessions[(target, True)] = CachedSession(folder / "model.onnx", threads=threads)
         if copy:
             sessions[(target, False)] = CachedSession(folder / "model.onnx", threads=threads, inplace=False)
@@ -95,8 +84,16 @@ def measure(ckpt: Path, workdir: Path, targets: list[str], positions: list[int],
     return rows
 
 
+def _random_checkpoint(folder: Path, preset_name: str, arch: str) -> Path:
+    from perseus_edge.checkpoint import random_checkpoint
+    from perseus_edge.model.config import preset
+    from perseus_edge.tokenizer import DEFAULT_TOKENIZER
+
+    return random_checkpoint(folder / "ckpt", preset(preset_name, arch), DEFAULT_TOKENIZER)
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m perseus_edge.export.measure", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m perseus_edge.lower.measure", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: random --preset weights)")
     ap.add_argument("--preset", default="17m")
     ap.add_argument("--arch", default="moe-mla-rope")
@@ -110,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="perseus-measure-") as tmp:
         tmp = Path(tmp)
-        ckpt = args.checkpoint or random_checkpoint(tmp, args.preset, args.arch)
+        ckpt = args.checkpoint or _random_checkpoint(tmp, args.preset, args.arch)
         name = args.checkpoint.name if args.checkpoint else f"{args.preset} {args.arch}"
         rows = measure(ckpt, tmp, args.targets, args.positions, args.steps, args.rounds, args.prefill,
                        args.threads, args.copy)
@@ -127,3 +124,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
