@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def folder(make_checkpoint, tmp_path_factory):
-    from perseus_edge.export import export_checkpoint
+    from perseus_edge.build import export_checkpoint
 
     return export_checkpoint(make_checkpoint("moe-mla-rope"), tmp_path_factory.mktemp("api") / "onnx")
 

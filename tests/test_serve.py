@@ -43,7 +43,7 @@ PROMPTS = ["Once upon a time", "The old captain looked at the sea and said", "It
 
 @pytest.fixture(scope="module")
 def folder(make_checkpoint, tmp_path_factory):
-    from perseus_edge.export import export_checkpoint
+    from perseus_edge.build import export_checkpoint
 
     return export_checkpoint(make_checkpoint("moe-mla-rope"), tmp_path_factory.mktemp("serve") / "onnx")
 
