@@ -107,23 +107,13 @@ log "exporting a tiny random checkpoint on the host"
 import sys
 from pathlib import Path
 
-import torch
-
-from perseus_edge.checkpoint import save_checkpoint
-try:
-    from perseus_edge.export import export_checkpoint
-except ImportError:  # public name not re-exported (older tree)
-    from perseus_edge.export.pipeline import export_checkpoint
+from perseus_edge.build import export_checkpoint
+from perseus_edge.checkpoint import random_checkpoint
 from perseus_edge.model.config import preset
-from perseus_edge.model.transformer import PerseusLM
 from perseus_edge.tokenizer import DEFAULT_TOKENIZER
 
 work = Path(sys.argv[1])
-torch.manual_seed(0)
-model = PerseusLM(preset("tiny", vocab_size=8192))
-for router in model.routers():
-    router.e_score_correction_bias.normal_(0, 0.05)
-save_checkpoint(work / "ckpt", model, DEFAULT_TOKENIZER)
+random_checkpoint(work / "ckpt", preset("tiny", vocab_size=8192), DEFAULT_TOKENIZER)
 export_checkpoint(work / "ckpt", work / "model", force=True)
 EOF
 rm -rf "$ROOT/opt/perseus/model"; cp -r "$MODEL" "$ROOT/opt/perseus/model"

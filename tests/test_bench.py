@@ -31,7 +31,7 @@ perseus_edge.cli.main()
 
 @pytest.fixture(scope="module")
 def folders(make_checkpoint, tmp_path_factory):
-    from perseus_edge.export import export_checkpoint
+    from perseus_edge.build import export_checkpoint
 
     root = tmp_path_factory.mktemp("bench")
     ckpt = make_checkpoint()
