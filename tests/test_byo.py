@@ -27,7 +27,7 @@ pytest.importorskip("onnx")
 
 from perseus_edge.checkpoint import load_checkpoint  # noqa: E402
 from perseus_edge.errors import PerseusError  # noqa: E402
-from perseus_edge.export import export_checkpoint  # noqa: E402
+from perseus_edge.build import export_checkpoint  # noqa: E402
 from perseus_edge.runtime.model import Model  # noqa: E402
 from perseus_edge.tokenizer import DEFAULT_TOKENIZER  # noqa: E402
 
@@ -150,7 +150,7 @@ def test_variant_int8_within_quantization_goal(variant, name, tmp_path):
     """int8 against our fp32 export: relative error of all logits of a prefill + cached decode.
     (Over the whole run: these random routers are nearly flat, so int8 noise flips an expert at
     a position now and then, as it would not in a trained model.)"""
-    from perseus_edge.quantize import quantize_model
+    from perseus_edge.build import quantize_model
 
     _, _, onnx_dir = variant(name)
     ids = tokens(PROMPT + STEPS)
