@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,41 +34,14 @@ from perseus_edge.data import (
     tokenize_split,
 )
 from perseus_edge.errors import PerseusError
-from perseus_edge.model.config import ModelConfig, preset
+from perseus_edge.model.config import preset
 from perseus_edge.model.transformer import PerseusLM, RMSNorm, Router
 from perseus_edge.optim import GroupedMuon
 from perseus_edge.tokenizer import DEFAULT_TOKENIZER, check_vocab, load_tokenizer
+from perseus_edge.train_config import TrainConfig
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Newton-Schulz quintic of Muon (Su, 2024)
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM, for MFU
-
-
-@dataclass
-class TrainConfig:
-    preset: str = "tiny"
-    arch: str = "moe-mla-rope"
-    optimizer: str = "muon"          # muon | adamw
-    lr: float = 3e-3                 # peak lr of the hidden matrices (Muon, or AdamW when optimizer=adamw)
-    adam_lr: float = 3e-3            # peak lr of embeddings, head, norms, router (always AdamW)
-    weight_decay: float = 0.0
-    batch_size: int = 16             # sequences per process per step
-    seq_len: int = 256
-    steps: int = 300
-    warmup: int = 30
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 20
-    seed: int = 0
-    compile: bool = False
-    router_bias_rate: float | None = None  # override the preset's router_bias_update_rate (MoE balancing speed)
-    max_chars: int | None = None     # tokenize only a prefix of the train split (smoke runs)
-    data_dir: str | None = None
-    tokenizer: str | None = None     # tokenizer.json (default: the shipped one)
-    out: str = "runs/default"
-    resume: bool = False
-    log_every: int = 10
-    progress: bool = True
 
 
 # ----------------------------------------------------------------------------- optimizers

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from perseus_edge.errors import PerseusError
-from perseus_edge.model.config import ARCHS, PRESET_TARGETS, ModelConfig, preset
+from perseus_edge.model.config import ARCHS, PRESET_SIZES, ModelConfig, preset
 from perseus_edge.model.transformer import MoE, PerseusLM
 
 
@@ -18,14 +18,14 @@ def tiny_model(arch: str, seed: int = 0, **overrides) -> PerseusLM:
     return model
 
 
-@pytest.mark.parametrize("name", sorted(PRESET_TARGETS))
+@pytest.mark.parametrize("name", sorted(PRESET_SIZES))
 def test_seed_presets_match_their_names_and_the_analytic_count(name):
     for arch in ("moe-mla-rope", "mha-moe"):
         cfg = preset(name, arch)
         with torch.device("meta"):
             model = PerseusLM(cfg)
         assert model.num_parameters() == cfg.param_counts()["total"]
-        assert abs(model.num_parameters() / PRESET_TARGETS[name] - 1) < 0.05
+        assert abs(model.num_parameters() / PRESET_SIZES[name] - 1) < 0.05
     # the dense baselines have the MoE model's active parameters (within 3%: router, attention shapes)
     moe = preset(name).param_counts()["active"]
     for arch in ("mla-dense", "mha"):

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from perseus_edge.errors import PerseusError
+from perseus_edge.train_config import TrainConfig  # the defaults of `perseus train`
 
 console = Console()
 
@@ -60,37 +61,36 @@ def train_tokenizer(
 
 
 def train(
-    preset: str = typer.Option("tiny", help="Model size: tiny, 17m, 54m, 202m."),
-    arch: str = typer.Option("moe-mla-rope", help="moe-mla-rope, mla-dense, mha, mha-moe."),
-    optimizer: str = typer.Option("muon", help="muon (hidden matrices) + AdamW (rest), or adamw for all."),
-    lr: float = typer.Option(3e-3, help="Peak lr of the hidden matrices."),
-    adam_lr: float = typer.Option(3e-3, help="Peak lr of embeddings, head, norms and router."),
-    weight_decay: float = typer.Option(0.0),
-    batch_size: int = typer.Option(16, help="Sequences per process per step."),
-    seq_len: int = typer.Option(256),
-    steps: int = typer.Option(300),
-    warmup: int = typer.Option(30),
-    eval_every: int = typer.Option(100),
-    eval_batches: int = typer.Option(20),
-    seed: int = typer.Option(0),
-    compile: bool = typer.Option(False, help="torch.compile the decoder layers."),
+    preset: str = typer.Option(TrainConfig.preset, help="Model size: tiny, 17m, 54m, 202m."),
+    arch: str = typer.Option(TrainConfig.arch, help="moe-mla-rope, mla-dense, mha, mha-moe."),
+    optimizer: str = typer.Option(TrainConfig.optimizer, help="muon (hidden matrices) + AdamW (rest), or adamw for all."),
+    lr: float = typer.Option(TrainConfig.lr, help="Peak lr of the hidden matrices."),
+    adam_lr: float = typer.Option(TrainConfig.adam_lr, help="Peak lr of embeddings, head, norms and router."),
+    weight_decay: float = typer.Option(TrainConfig.weight_decay),
+    batch_size: int = typer.Option(TrainConfig.batch_size, help="Sequences per process per step."),
+    seq_len: int = typer.Option(TrainConfig.seq_len),
+    steps: int = typer.Option(TrainConfig.steps),
+    warmup: int = typer.Option(TrainConfig.warmup),
+    eval_every: int = typer.Option(TrainConfig.eval_every),
+    eval_batches: int = typer.Option(TrainConfig.eval_batches),
+    seed: int = typer.Option(TrainConfig.seed),
+    compile: bool = typer.Option(TrainConfig.compile, help="torch.compile the decoder layers."),
     router_bias_rate: Optional[float] = typer.Option(
-        None, help="MoE router bias update per step (default: the preset's 1e-3, DeepSeek-V3's value)."),
-    max_chars: Optional[int] = typer.Option(None, help="Only tokenize this many characters of train (smoke runs)."),
-    data_dir: Optional[str] = typer.Option(None),
-    tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json (default: the shipped 8192-token one)."),
-    out: str = typer.Option("runs/default", "-o", "--out", help="Run folder: log.jsonl and checkpoint/."),
-    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint."),
+        TrainConfig.router_bias_rate, help="MoE router bias update per step (default: the preset's 1e-3, DeepSeek-V3's value)."),
+    max_chars: Optional[int] = typer.Option(TrainConfig.max_chars, help="Only tokenize this many characters of train (smoke runs)."),
+    data_dir: Optional[str] = typer.Option(TrainConfig.data_dir),
+    tokenizer: Optional[str] = typer.Option(TrainConfig.tokenizer, help="tokenizer.json (default: the shipped 8192-token one)."),
+    out: str = typer.Option(TrainConfig.out, "-o", "--out", help="Run folder: log.jsonl and checkpoint/."),
+    resume: bool = typer.Option(TrainConfig.resume, help="Continue from OUT/checkpoint."),
 ) -> None:
     """Train a model of the family (under torchrun for several processes)."""
-    from perseus_edge.train import TrainConfig
     from perseus_edge.train import train as run
 
     cfg = TrainConfig(preset=preset, arch=arch, optimizer=optimizer, lr=lr, adam_lr=adam_lr,
                       weight_decay=weight_decay, batch_size=batch_size, seq_len=seq_len, steps=steps,
                       warmup=min(warmup, steps), eval_every=eval_every, eval_batches=eval_batches, seed=seed,
-                      compile=compile, router_bias_rate=router_bias_rate, max_chars=max_chars, data_dir=data_dir, tokenizer=tokenizer, out=out,
-                      resume=resume)
+                      compile=compile, router_bias_rate=router_bias_rate, max_chars=max_chars,
+                      data_dir=data_dir, tokenizer=tokenizer, out=out, resume=resume)
     result = run(cfg)
     if result.get("final_loss") is not None:
         console.print(f"done: train loss {result['final_loss']:.4f}, valid loss {result['val_loss']:.4f}, "

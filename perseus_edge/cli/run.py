@@ -201,13 +201,13 @@ def demo(
 
 def to_ort(
     model_dir: Path = typer.Argument(..., help="Exported model folder."),
-    target_platform: str = typer.Option("portable", "--target-platform",
-                                        help="portable, arm, or amd64 (x86-only layouts)."),
+    platform: str = typer.Option("portable", "--platform",
+                                 help="portable, arm, or amd64 (x86-only layouts)."),
 ) -> None:
     """Add model.ort (ORT mobile format) and its required-operator list to a model folder."""
     from perseus_edge.lower.ort_format import convert_to_ort
 
-    out = convert_to_ort(model_dir, target_platform)
+    out = convert_to_ort(model_dir, platform)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB) and {out.parent / 'model.required_operators.config'}")
     print(f"run it with: perseus run {model_dir} --format ort -p \"...\"")
 

@@ -31,17 +31,17 @@ from perseus_edge.manifest import verify_folder, write_manifest
 PLATFORMS = ("portable", "arm", "amd64")
 
 
-def convert_to_ort(model_dir: str | os.PathLike, target_platform: str = "portable") -> Path:
+def convert_to_ort(model_dir: str | os.PathLike, platform: str = "portable") -> Path:
     """Add model.ort and model.required_operators.config to a model folder; returns model.ort.
 
-    target_platform: portable (no CPU-specific layout), arm (also lets int8 QDQ fuse for ARM),
+    platform: portable (no CPU-specific layout), arm (also lets int8 QDQ fuse for ARM),
     amd64 (x86 NCHWc layouts: the result only runs on x86).
     """
     import importlib.util
 
     folder = Path(model_dir)
-    if target_platform not in PLATFORMS:
-        raise PerseusError(f"unknown target platform {target_platform!r} (choose from {', '.join(PLATFORMS)})")
+    if platform not in PLATFORMS:
+        raise PerseusError(f"unknown platform {platform!r} (choose from {', '.join(PLATFORMS)})")
     manifest = verify_folder(folder)
     if not str(manifest.get("kind", "")).startswith("onnx"):
         raise PerseusError(f"{folder} is not an exported ONNX model folder")
@@ -52,8 +52,8 @@ def convert_to_ort(model_dir: str | os.PathLike, target_platform: str = "portabl
     with tempfile.TemporaryDirectory(prefix=".ort-", dir=folder) as tmp:
         cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort",
                str(folder / mf.MODEL_ONNX), "--output_dir", tmp, "--optimization_style", "Fixed"]
-        if target_platform != "portable":
-            cmd += ["--target_platform", target_platform]
+        if platform != "portable":
+            cmd += ["--target_platform", platform]  # the ORT tool's own flag
         proc = subprocess.run(cmd, capture_output=True, text=True)
         out = Path(tmp) / mf.MODEL_ORT
         if proc.returncode != 0 or not out.is_file():
@@ -68,7 +68,7 @@ def convert_to_ort(model_dir: str | os.PathLike, target_platform: str = "portabl
 
     extra = {k: v for k, v in manifest.items() if k not in ("format", "kind", "files")}
     extra["ort_format"] = {"onnxruntime": ort.__version__, "optimization_style": "Fixed",
-                           "target_platform": target_platform}
+                           "platform": platform}
     write_manifest(folder, manifest["kind"], extra)
     return folder / mf.MODEL_ORT
 

@@ -363,7 +363,7 @@ PRESETS: dict[str, dict] = {
                  kv_lora_rank=384, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                  moe_intermediate_size=88),
 }
-PRESET_TARGETS = {"17m": 17e6, "54m": 53.9e6, "202m": 202e6}
+PRESET_SIZES = {"17m": 17e6, "54m": 53.9e6, "202m": 202e6}
 
 
 def preset(name: str, arch: str = "moe-mla-rope", **overrides) -> ModelConfig:

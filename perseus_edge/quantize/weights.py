@@ -59,10 +59,6 @@ def quantize_int8(w: np.ndarray, unsigned: bool = False, reduce_range: bool = Fa
     return Int8Weight(q.astype(dtype), scale, zero.astype(dtype))
 
 
-def dequantize_int8(t: Int8Weight) -> np.ndarray:
-    return ((t.q.astype(np.float32) - t.zero_point.astype(np.float32)) * t.scale).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------- int4, block-wise
 @dataclass
 class BlockWeight:

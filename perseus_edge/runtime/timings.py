@@ -68,16 +68,6 @@ def anon_rss_bytes() -> int:
     return proc_status_bytes("RssAnon").get("RssAnon", 0)
 
 
-def rss_bytes() -> int:
-    """Current resident memory of this process."""
-    try:
-        import psutil
-
-        return int(psutil.Process(os.getpid()).memory_info().rss)
-    except Exception:  # noqa: BLE001
-        return 0
-
-
 @dataclass
 class Timings:
     load_s: float = 0.0
