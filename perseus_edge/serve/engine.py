@@ -4,16 +4,18 @@ One background thread owns the model. Each running request (a `Job`) holds one c
 its own position; the loop repeats:
 
     1. drop cancelled jobs (client gone), freeing their slots
-    2. admit one waiting job into the next free slot: prefill its prompt, sample its first token
-    3. one batched decode step over every running job (each row at its own position), sample a
+    2. prefill: the next waiting job takes the next free slot; one chunk of its prompt is run
+       (the whole prompt, up to 512 tokens, when nothing else runs; 128 tokens while other
+       requests decode, so a long prompt does not stall their streams); once its prompt is in,
+       its first token is sampled and it joins the decoding jobs
+    3. one batched decode step over every decoding job (each row at its own position), sample a
        token per row, hand out the text; a job that is done frees its slot for a waiting one
 
-Running jobs occupy slots 0..n-1 so a decode step is one graph run over contiguous cache rows:
-when a job in the middle finishes, the job in the last slot moves into its place
-(`Model.copy_slot`, the cached rows only). Admitting one job per iteration keeps the running
-streams going while newcomers prefill (a long prompt's prefill does pause them for its
-duration: prefill is not split across decode steps). Waiting jobs are served first come, first served; the
-queue has a fixed length and `submit` refuses beyond it (the server answers 429).
+Decoding jobs occupy slots 0..n-1 and the job being prefilled slot n, so a decode step is one
+graph run over contiguous cache rows: when a job in the middle finishes, the job in the last
+decoding slot moves into its place, and the prefilling job down by one (`Model.copy_slot`, the
+cached rows only). Waiting jobs are served first come, first served; the queue has a fixed
+length and `submit` refuses beyond it (the server answers 429).
 
 Events reach the submitter through `Job.on_event` (called on the engine thread): `Piece` for
 text, then exactly one `Done` or `Failed`. Nothing here knows HTTP.
@@ -31,6 +33,8 @@ import numpy as np
 from perseus_edge.errors import PerseusError
 from perseus_edge.modelfile.reader import ModelFolder
 from perseus_edge.runtime.generate import PREFILL_CHUNK, PREFILL_CHUNK_LOW_MEMORY
+
+PREFILL_CHUNK_SHARED = 128  # prompt tokens per step while other requests decode
 from perseus_edge.runtime.model import Model
 from perseus_edge.runtime.stream import StopFilter, TextStream, token_bytes_table
 from perseus_edge.sampling import Sampler
@@ -98,9 +102,11 @@ class Engine:
         self.max_waiting = max_waiting
         self.eos_ids = set(folder.eos_ids)
         self.prefill_chunk = PREFILL_CHUNK_LOW_MEMORY if low_memory else PREFILL_CHUNK
+        self.shared_chunk = min(self.prefill_chunk, PREFILL_CHUNK_SHARED)
         self._bytes = token_bytes_table(folder.tokenizer)
         self._waiting: deque[Job] = deque()
-        self._running: list[Job] = []  # job i holds cache slot i
+        self._running: list[Job] = []  # decoding: job i holds cache slot i
+        self._filling: Job | None = None  # prefilling, in slot len(self._running)
         self._wake = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="perseus-engine", daemon=True)
@@ -128,9 +134,9 @@ class Engine:
         with self._wake:
             if self._stop or not self._thread.is_alive():
                 raise PerseusError("the engine is not running (shutting down or stopped by an error)")
-            free = self.slots - len(self._running)
+            free = self.slots - self._busy()
             if len(self._waiting) >= self.max_waiting + free:
-                raise QueueFull(f"server busy: {len(self._running)} requests running and "
+                raise QueueFull(f"server busy: {self._busy()} requests running and "
                                 f"{len(self._waiting)} waiting (the limit); retry later")
             self._waiting.append(job)
             self._wake.notify()
@@ -142,9 +148,13 @@ class Engine:
 
     def stats(self) -> dict:
         with self._wake:
-            return {"slots": self.slots, "running": len(self._running), "waiting": len(self._waiting),
+            return {"slots": self.slots, "running": self._busy(), "waiting": len(self._waiting),
                     "max_waiting": self.max_waiting, "steps": self.steps, "busiest_step": self.busiest,
                     "alive": self._thread.is_alive()}
+
+    def _busy(self) -> int:
+        """Slots in use: decoding jobs and the one being prefilled."""
+        return len(self._running) + (self._filling is not None)
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
@@ -154,58 +164,71 @@ class Engine:
                     while True:
                         if any(j.cancelled for j in self._waiting):  # clients gone while waiting
                             self._waiting = deque(j for j in self._waiting if not j.cancelled)
-                        if self._stop or self._running or self._waiting:
+                        if self._stop or self._running or self._filling or self._waiting:
                             break
                         self._wake.wait()
                     if self._stop:
                         break
-                    new = (self._waiting.popleft()
-                           if self._waiting and len(self._running) < self.slots else None)
+                    if self._filling is None and self._waiting and len(self._running) < self.slots:
+                        self._filling = self._waiting.popleft()
+                        self._start(self._filling)
                 for job in [j for j in self._running if j.cancelled]:
                     self._release(job)
-                if new is not None:
-                    self._admit(new)
+                if self._filling is not None:
+                    self._prefill()
                 if self._running:
                     self._step()
         finally:
             with self._wake:
                 self._stop = True  # refuse new jobs from now on
-                left = list(self._waiting) + self._running
+                left = list(self._waiting) + self._running + [j for j in [self._filling] if j]
                 self._waiting.clear()
                 self._running.clear()
+                self._filling = None
             for job in left:
                 job.on_event(Failed("the server is shutting down"))
 
     def _release(self, job: Job) -> None:
-        """Free the job's slot; the job in the last slot moves into it to keep rows contiguous."""
+        """Free a decoding job's slot, keeping the slots in use contiguous: the last decoding job
+        moves into it, and the prefilling job down into the last decoding slot."""
         i, last = self._running.index(job), len(self._running) - 1
         if i != last:
             moved = self._running[last]
             self.model.copy_slot(last, i, moved.position)
             self._running[i] = moved
         self._running.pop()
+        if self._filling is not None:
+            self.model.copy_slot(last + 1, last, self._filling.position)
 
     def _fail(self, job: Job, error: Exception) -> None:
         job.on_event(Failed(str(error) if isinstance(error, PerseusError)
                             else f"internal error: {type(error).__name__}: {error}"))
 
-    def _admit(self, job: Job) -> None:
-        slot = len(self._running)
-        self._running.append(job)
+    def _start(self, job: Job) -> None:
+        job.text = TextStream(self.folder.tokenizer, self._bytes)
+        job.stopper = StopFilter(job.stops)
+        job.history = list(job.prompt)
+        job.position = 0
+
+    def _prefill(self) -> None:
+        """One chunk of the prefilling job's prompt; the last one samples its first token."""
+        job, slot = self._filling, len(self._running)
+        if job.cancelled:
+            self._filling = None
+            return
+        chunk = self.shared_chunk if self._running else self.prefill_chunk
         try:
-            job.text = TextStream(self.folder.tokenizer, self._bytes)
-            job.stopper = StopFilter(job.stops)
-            job.history = list(job.prompt)
-            for s in range(0, len(job.prompt), self.prefill_chunk):
-                chunk = np.asarray([job.prompt[s:s + self.prefill_chunk]], dtype=np.int64)
-                logits = self.model.forward(chunk, s, slot=slot)
-            job.position = len(job.prompt)
-            done = self._sampled(job, logits[0, -1])
+            ids = np.asarray([job.prompt[job.position:job.position + chunk]], dtype=np.int64)
+            logits = self.model.forward(ids, job.position, slot=slot)
+            job.position += ids.shape[1]
+            if job.position < len(job.prompt):
+                return
+            self._filling = None
+            if not self._sampled(job, logits[0, -1]):
+                self._running.append(job)  # it is in slot len(self._running) already
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+            self._filling = None
             self._fail(job, e)
-            done = True
-        if done:
-            self._release(job)
 
     def _step(self) -> None:
         jobs = list(self._running)
