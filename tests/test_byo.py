@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -177,10 +179,26 @@ def test_export_writes_a_manifest_and_our_config(variant):
     assert not (folder / "manifest.json").exists()  # the source folder is left as it was
 
 
-def test_bf16_sharded_folder_with_index(tmp_path):
-    """bf16 weights in several shards + model.safetensors.index.json: read exactly (upcast)."""
+@pytest.mark.parametrize("name", ["v3-qlora-dense-bias", "v3-groups-yarn", "v2-greedy"])
+def test_ort_cpu_target_matches_transformers(variant, name, tmp_path):
+    """--target ort-cpu: onnxruntime's MoE kernel for sigmoid ungrouped routing; the softmax and
+    group-limited variants keep the portable perseus.MoE (ORT's kernel cannot route by groups)."""
+    hf, folder, _ = variant(name)
+    out = export_checkpoint(folder, tmp_path / "ort", target="ort-cpu")
+    lowered = json.loads((out / "manifest.json").read_text())["export"]["lowered"]
+    assert lowered == (["moe_to_ort"] if name == "v3-qlora-dense-bias" else [])
+    ids = tokens(PROMPT + STEPS)
+    model = Model(out, threads=1)
+    got = [model.forward(ids[:, :PROMPT], 0).copy()]
+    got += [model.forward(ids[:, i:i + 1], i).copy() for i in range(PROMPT, PROMPT + STEPS)]
+    assert max_diff(np.concatenate(got, 1), hf_logits(hf, ids)) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_sharded_folder_with_index(tmp_path, dtype):
+    """bf16/fp16 weights in several shards + model.safetensors.index.json: read exactly (upcast)."""
     hf = build_hf("deepseek_v3", V3)
-    folder = save_hf(hf.to(torch.bfloat16), tmp_path / "hf", max_shard_size="200KB")
+    folder = save_hf(hf.to(dtype), tmp_path / "hf", max_shard_size="200KB")
     assert (folder / "model.safetensors.index.json").is_file()
     assert len(list(folder.glob("model-*.safetensors"))) > 1
     ref = hf_logits(hf.float(), tokens(PROMPT))
@@ -243,3 +261,31 @@ def test_missing_tokenizer_names_the_flag(tmp_path):
         export_checkpoint(folder, tmp_path / "out")
     out = export_checkpoint(folder, tmp_path / "out", tokenizer=DEFAULT_TOKENIZER)
     assert (out / "tokenizer.json").read_bytes() == Path(DEFAULT_TOKENIZER).read_bytes()
+
+
+# ----------------------------------------------------------------------------- the CLI
+def perseus(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "perseus_edge.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_eval_text_on_the_folder_and_its_export(variant, tmp_path):
+    """`perseus eval --text` scores the same windows with PyTorch (the transformers folder, its
+    tokenizer given by flag) and with onnxruntime (the export): the same loss."""
+    _, folder, onnx_dir = variant("v2-groups")
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time, in a house on a hill, there lived an old captain. " * 12, encoding="utf-8")
+    tok = tmp_path / "tok.json"
+    shutil.copyfile(folder / "tokenizer.json", tok)
+    (folder / "tokenizer.json").rename(folder / "tokenizer.json.away")
+    try:
+        missing = perseus("generate", folder, "-p", "Once", "-n", "2")
+        ours = perseus("eval", folder, "--text", text, "--tokenizer", tok, "--seq-len", 32, "--json")
+    finally:
+        (folder / "tokenizer.json.away").rename(folder / "tokenizer.json")
+    exported = perseus("eval", onnx_dir, "--text", text, "--seq-len", 32, "--json")
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr.strip() == f"error: {folder} has no tokenizer.json: give one with --tokenizer FILE"
+    a, b = json.loads(ours.stdout), json.loads(exported.stdout)
+    assert a["split"] == b["split"] == str(text) and a["tokens"] == b["tokens"] > 0
+    assert abs(a["loss"] - b["loss"]) < 1e-4 and a["loss"] > 0
