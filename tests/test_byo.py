@@ -185,7 +185,7 @@ def test_ort_cpu_target_matches_transformers(variant, name, tmp_path):
     group-limited variants keep the portable perseus.MoE (ORT's kernel cannot route by groups)."""
     hf, folder, _ = variant(name)
     out = export_checkpoint(folder, tmp_path / "ort", target="ort-cpu")
-    lowered = json.loads((out / "manifest.json").read_text())["export"]["lowered"]
+    lowered = json.loads((out / "manifest.json").read_text())["lowering"]["passes"]
     assert lowered == (["moe_to_ort"] if name == "v3-qlora-dense-bias" else [])
     ids = tokens(PROMPT + STEPS)
     model = Model(out, threads=1)
