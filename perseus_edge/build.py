@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from perseus_edge import modelfile as mf
+from perseus_edge.atomic import same_or_inside
 from perseus_edge.errors import PerseusError
 from perseus_edge.manifest import MANIFEST, read_manifest, sha256_file, verify_folder
 
@@ -118,11 +119,12 @@ def built_from(folder: Path, source_sha: str) -> bool:
 # ----------------------------------------------------------------------------- folder checks
 def _may_replace(ckpt_dir: Path, out_dir: Path, source_sha: str, force: bool) -> bool:
     """Whether `out_dir` may be replaced; raises when it must not be touched."""
-    out, src = out_dir.absolute(), ckpt_dir.absolute()
-    if out == src or src in out.parents:
+    same, out_inside, src_inside = same_or_inside(out_dir, ckpt_dir)  # after `..` and symlinks
+    if same or out_inside:
         raise PerseusError(f"the output folder {out_dir} is inside the checkpoint {ckpt_dir}")
-    if out in src.parents:
+    if src_inside:
         raise PerseusError(f"the output folder {out_dir} would replace the checkpoint {ckpt_dir}")
+    out = out_dir.absolute()
     if not out.exists():
         return False
     if not out.is_dir():
@@ -162,12 +164,12 @@ def _check_quantize_source(src: Path) -> dict:
 
 
 def _check_output(src: Path, out: Path, force: bool) -> None:
-    a, b = src.absolute(), out.absolute()
-    if a == b:
+    same, out_inside, src_inside = same_or_inside(out, src)  # after `..` and symlinks
+    if same:
         raise PerseusError(f"the output folder {out} is the model folder itself: choose another -o")
-    if a in b.parents:
+    if out_inside:
         raise PerseusError(f"the output folder {out} is inside the model folder {src}")
-    if b in a.parents:
+    if src_inside:
         raise PerseusError(f"the output folder {out} would replace the model folder {src}")
     if out.exists() and not out.is_dir():
         raise PerseusError(f"{out} exists and is not a folder")

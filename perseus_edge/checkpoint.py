@@ -13,11 +13,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from perseus_edge.errors import PerseusError
-from perseus_edge.manifest import MANIFEST, atomic_folder, verify_folder, write_manifest
+from perseus_edge.manifest import MANIFEST, atomic_folder, safe_member, verify_folder, write_manifest
 from perseus_edge.model.config import ModelConfig
 from perseus_edge.model.hf import is_transformers_folder
 from perseus_edge.model.transformer import PerseusLM
@@ -71,19 +71,47 @@ def _save_weights(folder: Path, state: dict, max_shard_bytes: int | None) -> Non
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def load_state(folder: Path) -> dict[str, torch.Tensor]:
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint; names from the index must stay inside the folder."""
     folder = Path(folder)
-    files = ([folder / WEIGHTS] if (folder / WEIGHTS).is_file() else
-             sorted({folder / f for f in json.loads((folder / INDEX).read_text())["weight_map"].values()})
-             if (folder / INDEX).is_file() else [])
-    if not files:
+    if (folder / WEIGHTS).is_file():
+        return [folder / WEIGHTS]
+    if not (folder / INDEX).is_file():
         raise PerseusError(f"{folder} has no {WEIGHTS} or {INDEX}")
-    state = {}
+    try:
+        index = json.loads((folder / INDEX).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PerseusError(f"{folder / INDEX} is not a readable JSON index ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise PerseusError(f"{folder / INDEX} has no 'weight_map' object")
+    return sorted({safe_member(folder, f, INDEX) for f in weight_map.values()})
+
+
+def header_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors headers only (nothing is allocated)."""
+    shapes = {}
     for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for k in st.keys():
+                    shapes[k] = tuple(st.get_slice(k).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise PerseusError(f"cannot read weights {f.name}: {_reason(e)}") from None
+    return shapes
+
+
+def _reason(e: Exception) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for f in weight_files(folder):
         try:
             state.update(load_file(f))
         except (SafetensorError, OSError) as e:
-            raise PerseusError(f"cannot read weights {f.name}: {e}") from None
+            raise PerseusError(f"cannot read weights {f.name}: {_reason(e)}") from None
     return state
 
 
@@ -119,6 +147,7 @@ def load_checkpoint(folder: Path, device: str = "cpu", dtype: str | None = None,
     cfg = ModelConfig.load(folder)
     tok_path = tokenizer_path(folder, tokenizer)
     check_vocab(load_tokenizer(tok_path), cfg.vocab_size, str(folder), name=tok_path.name)
+    check_shapes_before_loading(cfg, folder)
     model = PerseusLM(cfg)
     state = _fit_state(cfg, load_state(folder))
     ours = model.state_dict()
@@ -168,3 +197,21 @@ def random_checkpoint(folder: Path, cfg: ModelConfig, tokenizer_json: Path | str
     for router in model.routers():
         router.e_score_correction_bias.normal_(0, 0.05)
     return save_checkpoint(folder, model, tokenizer_json, **save_options)
+
+
+def check_shapes_before_loading(cfg: ModelConfig, folder: Path) -> None:
+    """Shapes from the safetensors headers against the config (built on the meta device), and
+    the model's size against free memory, before any allocation: a bogus config or a doctored
+    header is one error line, not a giant malloc."""
+    import psutil
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in PerseusLM(cfg).state_dict().items()}
+    for k, shape in header_shapes(weight_files(folder)).items():
+        if k in expected and shape != expected[k]:
+            raise PerseusError(f"{folder}: tensor {k} has shape {shape}, config implies {expected[k]}")
+    need = cfg.param_counts()["total"] * 8  # fp32 weights + the file's copy while loading
+    avail = psutil.virtual_memory().available
+    if need > avail:
+        raise PerseusError(f"{folder}: the model needs about {need / 2**30:.1f} GiB to load, "
+                           f"more than the {avail / 2**30:.1f} GiB available")

@@ -14,11 +14,13 @@ import io
 import lzma
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from perseus_edge.atomic import describe_oserror, fault, remove_stale_temp_files
 from perseus_edge.errors import PerseusError
 
 SPLITS = ("train", "valid", "test")
@@ -160,13 +162,26 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
-def cache_path(tokenizer, split: str, cache_dir: str | Path, max_chars: int | None = None) -> Path:
+def cache_path(tokenizer, split: str, cache_dir: str | Path, max_chars: int | None = None,
+               src: Path | None = None) -> Path:
+    """`{split}.{tokenizer}.{source}[.first{max_chars}].u16.bin`: a new tokenizer or another
+    source file (path, size, mtime) gets its own cache, never stale ids."""
     prefix = "" if max_chars is None else f".first{max_chars}"
-    return Path(cache_dir) / f"{split}.{tokenizer_hash(tokenizer)[:12]}{prefix}.u16.bin"
+    source = ""
+    if src is not None:
+        st = Path(src).stat()
+        key = f"{Path(src).resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+        source = "." + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return Path(cache_dir) / f"{split}.{tokenizer_hash(tokenizer)[:12]}{source}{prefix}.u16.bin"
+
+
+# A cache file is this header, then the ids: a truncated or foreign file is caught, never used.
+CACHE_MAGIC = b"PTOK\x01\x00\x00\x00"
+HEADER_BYTES = 16  # magic (8) + token count (uint64 little-endian)
 
 
 def _write_tokens(tokenizer, src: Path, out: Path, max_chars: int | None, progress: bool) -> int:
-    """Tokenize `src` into `out` (raw uint16); return the number of tokens written."""
+    """Tokenize `src` into `out` (header + raw uint16); return the number of tokens written."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -191,19 +206,41 @@ def _write_tokens(tokenizer, src: Path, out: Path, max_chars: int | None, progre
     n_chars = n_tokens = 0
     console = Console(stderr=True)  # keep stdout clean for whatever the CLI prints
     with raw, Progress(*columns, console=console, disable=not progress) as bar, open(out, "wb") as f:
+        f.write(CACHE_MAGIC + (0).to_bytes(8, "little"))
         task = bar.add_task("tok", total=disk_bytes if max_chars is None else max_chars,
                             chars=0, tokens=0)
         for pieces in iter_paragraph_chunks(src, max_chars=max_chars, raw_file=raw):
             encodings = encode(pieces, add_special_tokens=False)
             ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.uint16)
             f.write(ids.tobytes())
+            fault("tokens.write", out.name)
             n_chars += sum(len(p) for p in pieces)
             n_tokens += len(ids)
             done = n_chars if max_chars is not None else raw.tell()
             bar.update(task, completed=done, chars=n_chars, tokens=n_tokens)
         if max_chars is None:
             bar.update(task, completed=disk_bytes)
+        f.seek(len(CACHE_MAGIC))
+        f.write(n_tokens.to_bytes(8, "little"))
+        f.flush()
+        os.fsync(f.fileno())
     return n_tokens
+
+
+def _open_cache(path: Path) -> np.memmap | None:
+    """The ids of a cache file, or None when it is damaged (truncated, foreign, half-written)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except OSError:
+        return None
+    if len(head) < HEADER_BYTES or head[:8] != CACHE_MAGIC:
+        return None
+    n = int.from_bytes(head[8:], "little")
+    if n == 0 or size != HEADER_BYTES + 2 * n:
+        return None
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
 def tokenize_split(
@@ -214,10 +251,11 @@ def tokenize_split(
     max_chars: int | None = None,
     progress: bool = True,
 ) -> np.memmap:
-    """Token ids of a split as a read-only uint16 memmap, tokenizing at most once per tokenizer.
+    """Token ids of a split as a read-only uint16 memmap, tokenizing at most once per tokenizer
+    and source file.
 
-    The cache file is `{cache_dir}/{split}.{sha256(tokenizer json)[:12]}[.first{max_chars}].u16.bin`,
-    written to a temp file and renamed, so an interrupted run never leaves a truncated cache.
+    The cache file (`cache_path`) is written to a temp file and renamed, so an interrupted run
+    never leaves a truncated cache; a damaged one (size and header disagree) is rebuilt, with a note.
     """
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     if vocab > 65536:  # ids 0..65535 fit in uint16
@@ -225,21 +263,33 @@ def tokenize_split(
     if max_chars is not None and max_chars <= 0:
         raise PerseusError(f"max_chars must be positive, got {max_chars}")
     src = split_file(resolve_data_dir(data_dir), split)
-    path = cache_path(tokenizer, split, cache_dir, max_chars)
-    if not path.is_file():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise PerseusError(f"cannot create cache folder {path.parent}: {e.strerror}") from None
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            n = _write_tokens(tokenizer, src, tmp, max_chars, progress)
-            if n == 0:
-                raise PerseusError(f"{src} holds no text")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    path = cache_path(tokenizer, split, cache_dir, max_chars, src)
+    if path.is_file():
+        ids = _open_cache(path)
+        if ids is not None:
+            return ids
+        print(f"note: token cache {path} is damaged (truncated or not a token file): tokenizing again",
+              file=sys.stderr)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PerseusError(f"cannot create cache folder {path.parent}: {e.strerror}") from None
+    remove_stale_temp_files(path.parent, f".{split}.*.tmp-*")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        n = _write_tokens(tokenizer, src, tmp, max_chars, progress)
+        if n == 0:
+            raise PerseusError(f"{src} holds no text")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise PerseusError(f"cannot write token cache {path}: {describe_oserror(e)} "
+                           f"(set PERSEUS_CACHE to a folder with space)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    ids = _open_cache(path)
+    if ids is None:
+        raise PerseusError(f"token cache {path} changed while it was read: run again")
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from perseus_edge.atomic import atomic_write, describe_oserror, fault
 from perseus_edge.checkpoint import load_checkpoint, save_checkpoint
 from perseus_edge.data import (
     TokenWindows,
@@ -181,8 +183,15 @@ def train(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed()
     master = rank == 0
     torch.manual_seed(cfg.seed)
+    cfg.validate()
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoint"
+    if out.exists() and not out.is_dir():
+        raise PerseusError(f"the run folder {out} exists and is not a folder")
+    earlier = [n for n in ("checkpoint", "log.jsonl", "train_config.json") if (out / n).exists()]
+    if earlier and not (cfg.resume or cfg.force):
+        raise PerseusError(f"{out} already holds a run ({', '.join(earlier)}): --resume continues it, "
+                           f"--force starts over, or choose another -o")
 
     tok_path = Path(cfg.tokenizer) if cfg.tokenizer else DEFAULT_TOKENIZER
     if cfg.resume:
@@ -222,11 +231,13 @@ def train(cfg: TrainConfig) -> dict:
     optimizers = build_optimizers(model, cfg)
     start_step = 0
     if cfg.resume:
-        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
-        tensors = load_file(ckpt_dir / "optimizer.safetensors")
+        state, tensors = _read_trainer_state(ckpt_dir, len(optimizers))
         for i, opt in enumerate(optimizers):
             unflatten_optimizer(opt, f"opt{i}", {k: v.to(device) for k, v in tensors.items()}, state["optimizers"][i])
         start_step = state["step"]
+        if start_step >= cfg.steps:
+            raise PerseusError(f"{ckpt_dir} is already at step {start_step}: --steps must be larger to "
+                               f"train more (got {cfg.steps})")
     for opt in optimizers:
         for g in opt.param_groups:
             g.setdefault("initial_lr", g["lr"])
@@ -244,9 +255,12 @@ def train(cfg: TrainConfig) -> dict:
     tokens_per_step = cfg.batch_size * cfg.seq_len * world
     log_path = out / "log.jsonl"
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        log = open(log_path, "a" if cfg.resume else "w")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+            log = open(log_path, "a" if cfg.resume else "w")
+        except OSError as e:
+            raise PerseusError(f"cannot write the run folder {out}: {describe_oserror(e)}") from None
     bar = None
     if master and cfg.progress:
         from tqdm import tqdm
@@ -256,7 +270,12 @@ def train(cfg: TrainConfig) -> dict:
     record: dict = {}
     t_last, tokens_since = time.perf_counter(), 0
     val_loss = float("nan")
+    stop = _StopAfterStep() if master and world == 1 else None
+    done_steps = cfg.steps
     for step in range(start_step, cfg.steps):
+        if stop is not None and stop.requested:
+            done_steps = step
+            break
         factor = lr_factor(step, cfg)
         for opt in optimizers:
             for g in opt.param_groups:
@@ -298,37 +317,89 @@ def train(cfg: TrainConfig) -> dict:
             log.write(json.dumps(record) + "\n")
             log.flush()
             t_last, tokens_since = now, 0
+        fault("train.step")
         if bar is not None:
             bar.update(1)
             if log_now:  # .item() waits for the GPU: only on log steps
                 bar.set_postfix(loss=f"{mean_loss.item():.3f}", val=f"{val_loss:.3f}")
     if bar is not None:
         bar.close()
+    if stop is not None:
+        stop.restore()
 
     if master:
-        save_training_checkpoint(ckpt_dir, model, tok_path, optimizers, cfg, n_params)
+        save_training_checkpoint(ckpt_dir, model, tok_path, optimizers, cfg, n_params, done_steps)
         log.close()
+        if done_steps < cfg.steps:
+            print(f"interrupted: checkpoint of step {done_steps} saved in {ckpt_dir}; "
+                  f"continue with --resume", file=sys.stderr)
+            raise KeyboardInterrupt
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return {"final_loss": record.get("loss"), "val_loss": val_loss, "params": n_params, "out": str(out)}
 
 
+class _StopAfterStep:
+    """First Ctrl-C: finish the current step, save a resumable checkpoint, stop. Second: abort."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _read_trainer_state(ckpt_dir: Path, n_optimizers: int) -> tuple[dict, dict]:
+    """trainer_state.json and optimizer.safetensors of a checkpoint (sha256-verified on load)."""
+    path = ckpt_dir / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text())
+        tensors = load_file(ckpt_dir / "optimizer.safetensors")
+    except (OSError, UnicodeDecodeError, ValueError, SafetensorError) as e:
+        raise PerseusError(f"cannot resume from {ckpt_dir}: {e}") from None
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int)
+            and isinstance(state.get("optimizers"), list) and len(state["optimizers"]) == n_optimizers):
+        raise PerseusError(f"cannot resume from {ckpt_dir}: trainer_state.json does not match "
+                           f"{n_optimizers} optimizer(s) (was the run made with another --optimizer?)")
+    return state, tensors
+
+
 def save_training_checkpoint(folder: Path, model: PerseusLM, tokenizer: Path, optimizers, cfg: TrainConfig,
-                             n_params: int) -> None:
+                             n_params: int, step: int | None = None) -> None:
     """Checkpoint folder plus optimizer.safetensors and trainer_state.json for --resume."""
     import tempfile
 
+    step = cfg.steps if step is None else step
     tensors, metas = {}, []
     for i, opt in enumerate(optimizers):
         t, meta = flatten_optimizer(opt, f"opt{i}")
         tensors.update(t)
         metas.append(meta)
-    with tempfile.TemporaryDirectory() as tmp:
-        opt_file = Path(tmp) / "optimizer.safetensors"
-        save_file(tensors, opt_file)
-        state_file = Path(tmp) / "trainer_state.json"
-        state_file.write_text(json.dumps({"step": cfg.steps, "optimizers": metas,
-                                          "train_config": dataclasses.asdict(cfg)}, indent=2))
-        save_checkpoint(folder, model, tokenizer, meta={"params": n_params, "step": cfg.steps},
-                        extra_files={"optimizer.safetensors": opt_file, "trainer_state.json": state_file})
+    try:
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".trainer-") as tmp:
+            opt_file = Path(tmp) / "optimizer.safetensors"
+            save_file(tensors, opt_file)
+            state_file = Path(tmp) / "trainer_state.json"
+            state_file.write_text(json.dumps({"step": step, "optimizers": metas,
+                                              "train_config": dataclasses.asdict(cfg)}, indent=2))
+            save_checkpoint(folder, model, tokenizer, meta={"params": n_params, "step": step},
+                            extra_files={"optimizer.safetensors": opt_file, "trainer_state.json": state_file})
+    except (OSError, SafetensorError) as e:
+        why = describe_oserror(e) if isinstance(e, OSError) else str(e)
+        raise PerseusError(f"cannot write the checkpoint {folder}: {why}") from None

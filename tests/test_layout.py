@@ -2,7 +2,7 @@
 
 Floors, bottom to top (README "Architecture"):
 
-    ground    errors, manifest, modelfile/, model/config, tokenizer, sampling, data, train_config
+    ground    errors, atomic, manifest, modelfile/, model/config, tokenizer, sampling, data, train_config
     runtime   runtime/, api                 (never torch)
     torch     model/transformer, optim, checkpoint, train, reference
     compiler  export/ | quantize/, then lower/ (it packs the experts the quantizer left to its
@@ -29,6 +29,7 @@ MAX_LINES = 600
 # module prefix -> (rank, side); the longest matching prefix wins
 FLOORS = {
     "perseus_edge.errors": (0, "ground"),
+    "perseus_edge.atomic": (0, "ground"),
     "perseus_edge.manifest": (0, "ground"),
     "perseus_edge.modelfile": (0, "ground"),
     "perseus_edge.model": (0, "ground"),

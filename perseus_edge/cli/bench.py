@@ -5,6 +5,7 @@ Both are torch-free; onnx, onnxruntime and llama_cpp are imported inside the com
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -72,7 +73,7 @@ def profile(
             raise PerseusError(f"{d} is not an exported model folder (no model.onnx)")
     if threads < 1 or steps < 1 or prefill < 1 or context < 1:
         raise PerseusError("--threads, --prefill, --context and --steps must be positive")
-    out.mkdir(parents=True, exist_ok=True)
+    _output_folder(out)
     labels = _labels(model_dirs)
     fps = [footprint(d, threads=threads, prefill=prefill, measure=not no_measure, label=lab)
            for d, lab in zip(model_dirs, labels)]
@@ -90,6 +91,18 @@ def profile(
             print(markdown_tables(prof))
     (out / "profile.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"\nwrote {out / 'profile.json'}")
+
+
+def _output_folder(out: Path) -> None:
+    """-o must be a folder we can write into (not an existing file, not read-only)."""
+    if out.exists() and not out.is_dir():
+        raise PerseusError(f"-o {out} is an existing file: give a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PerseusError(f"cannot create {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise PerseusError(f"cannot write into {out}: permission denied")
 
 
 def _labels(dirs: List[Path]) -> list[str]:

@@ -19,6 +19,7 @@ from perseus_edge.errors import PerseusError
 from perseus_edge.train_config import TrainConfig  # the defaults of `perseus train`
 
 console = Console()
+MAX_TEXT_BYTES = 256 << 20  # eval --text is read whole; the corpus splits are streamed
 
 
 def info(
@@ -31,6 +32,8 @@ def info(
     from perseus_edge.model.config import ARCHS, ModelConfig
     from perseus_edge.model.config import preset as make_preset
 
+    if context < 1:
+        raise PerseusError(f"--context must be at least 1, got {context}")
     if config is not None:
         cfgs = [(str(config), ModelConfig.load(config))]
     else:
@@ -55,6 +58,10 @@ def train_tokenizer(
     from perseus_edge.data import resolve_data_dir, split_file
     from perseus_edge.tokenizer import train_tokenizer as train_bpe
 
+    if out.is_dir():
+        raise PerseusError(f"{out} is a folder: -o names the tokenizer file to write (e.g. {out / 'tokenizer.json'})")
+    if vocab_size > 65536:
+        raise PerseusError(f"--vocab-size {vocab_size} is too large: token files hold uint16 ids (at most 65536)")
     src = split_file(resolve_data_dir(data_dir), "train")
     tok = train_bpe([src], vocab_size=vocab_size, out_path=out)
     console.print(f"wrote {out} ({tok.get_vocab_size()} tokens)")
@@ -82,15 +89,16 @@ def train(
     tokenizer: Optional[str] = typer.Option(TrainConfig.tokenizer, help="tokenizer.json (default: the shipped 8192-token one)."),
     out: str = typer.Option(TrainConfig.out, "-o", "--out", help="Run folder: log.jsonl and checkpoint/."),
     resume: bool = typer.Option(TrainConfig.resume, help="Continue from OUT/checkpoint."),
+    force: bool = typer.Option(TrainConfig.force, "--force", help="Start over in a run folder that already holds a run."),
 ) -> None:
     """Train a model of the family (under torchrun for several processes)."""
     from perseus_edge.train import train as run
 
     cfg = TrainConfig(preset=preset, arch=arch, optimizer=optimizer, lr=lr, adam_lr=adam_lr,
                       weight_decay=weight_decay, batch_size=batch_size, seq_len=seq_len, steps=steps,
-                      warmup=min(warmup, steps), eval_every=eval_every, eval_batches=eval_batches, seed=seed,
+                      warmup=min(warmup, steps) if steps > 0 else warmup, eval_every=eval_every, eval_batches=eval_batches, seed=seed,
                       compile=compile, router_bias_rate=router_bias_rate, max_chars=max_chars,
-                      data_dir=data_dir, tokenizer=tokenizer, out=out, resume=resume)
+                      data_dir=data_dir, tokenizer=tokenizer, out=out, resume=resume, force=force)
     result = run(cfg)
     if result.get("final_loss") is not None:
         console.print(f"done: train loss {result['final_loss']:.4f}, valid loss {result['val_loss']:.4f}, "
@@ -117,6 +125,12 @@ def evaluate(
     from perseus_edge.model.hf import is_transformers_folder
     from perseus_edge.tokenizer import load_tokenizer
 
+    for name, value in (("seq-len", seq_len), ("batch-size", batch_size), ("max-batches", max_batches),
+                        ("threads", threads)):
+        if value is not None and value < 1:
+            raise PerseusError(f"--{name} must be at least 1, got {value}")
+    if split not in ("valid", "test", "train"):
+        raise PerseusError(f"unknown split {split!r}: expected valid or test")
     if not (model_dir / "manifest.json").is_file() and is_transformers_folder(model_dir):
         kind = "checkpoint"
     else:
@@ -124,7 +138,12 @@ def evaluate(
     tok_path = tokenizer if tokenizer is not None and kind == "checkpoint" else model_dir / "tokenizer.json"
     if kind == "checkpoint" and tokenizer is None and not tok_path.is_file():
         raise PerseusError(f"{model_dir} has no tokenizer.json: give one with --tokenizer FILE")
+    if kind != "checkpoint" and not str(kind).startswith("onnx"):
+        raise PerseusError(f"{model_dir} holds a {kind!r} folder: expected a checkpoint or an ONNX model folder")
     tok = load_tokenizer(tok_path)
+    check_memory(batch_size * seq_len * tok.get_vocab_size() * 16,
+                 f"--batch-size {batch_size} x --seq-len {seq_len} x vocab {tok.get_vocab_size()}",
+                 "lower --batch-size")
     tokens, source = _eval_tokens(tok, text, split, data_dir)
     if kind == "checkpoint":
         import math
@@ -168,6 +187,11 @@ def _eval_tokens(tok, text: Optional[Path], split: str, data_dir: Optional[Path]
 
     if text is None:
         return tokenize_split(tok, resolve_data_dir(data_dir), split, token_cache_dir(), progress=False), split
+    if text.exists() and not text.is_file():  # a folder, /dev/zero, a pipe: not a text to score
+        raise PerseusError(f"--text {text} is not a regular file")
+    if text.is_file() and text.stat().st_size > MAX_TEXT_BYTES:
+        raise PerseusError(f"--text {text} is larger than {MAX_TEXT_BYTES >> 20} MiB: "
+                           f"use the corpus splits (--data-dir) for large evaluations")
     try:
         content = text.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -201,11 +225,45 @@ def generate(
     if n <= 0:
         raise PerseusError(f"-n must be positive, got {n}")
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repeat_penalty, seed=seed)
+    check_device(device)
     model, tok_path = load_checkpoint(checkpoint, device=device, tokenizer=tokenizer)
     tok = load_tokenizer(tok_path)
     ids = tok.encode(prompt).ids
     out = list(generate_tokens(model, ids, n, sampler, eos_id=tok.token_to_id(EOS)))
     sys.stdout.write(prompt + tok.decode(out, skip_special_tokens=False) + "\n")
+
+
+def check_device(device: str) -> None:
+    """A torch device this build and machine can use, else one error line (before any loading)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise PerseusError(f"unknown --device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
+            raise PerseusError(f"--device {device}: this torch ({torch.__version__}) is {build}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PerseusError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif dev.type != "cpu":
+        raise PerseusError(f"--device {device!r} is not supported (use cpu or cuda)")
+
+
+def check_memory(need: int, what: str, fix: str) -> None:
+    """Refuse work whose arrays alone would exceed the memory this process may use."""
+    import resource
+
+    import psutil
+
+    limit = psutil.virtual_memory().available
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, soft - psutil.Process().memory_info().vms)
+    if need > limit:
+        raise PerseusError(f"{what} needs about {need / 2**30:.1f} GiB, more than the "
+                           f"{max(limit, 0) / 2**30:.1f} GiB this process may use: {fix}")
 
 
 def register(app: typer.Typer) -> None:

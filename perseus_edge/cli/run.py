@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from perseus_edge.api import LanguageModel
 
 DEFAULT_N = 128
+MAX_PROMPT_BYTES = 16 << 20  # contexts are thousands of tokens; --truncate left keeps the end
 
 
 def _err(msg: str) -> None:
@@ -39,9 +40,18 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> Optional
     if prompt_file is None:
         return prompt
     try:
-        data = sys.stdin.buffer.read() if str(prompt_file) == "-" else Path(prompt_file).read_bytes()
+        if str(prompt_file) == "-":
+            data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+        else:
+            if Path(prompt_file).is_dir():
+                raise PerseusError(f"prompt file {prompt_file} is a folder")
+            with open(prompt_file, "rb") as f:  # bounded: /dev/zero or a huge file never fills memory
+                data = f.read(MAX_PROMPT_BYTES + 1)
     except OSError as e:
         raise PerseusError(f"cannot read prompt file {prompt_file}: {e.strerror}") from None
+    if len(data) > MAX_PROMPT_BYTES:
+        raise PerseusError(f"prompt file {prompt_file} is larger than {MAX_PROMPT_BYTES >> 20} MiB: "
+                           f"far beyond any model context")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

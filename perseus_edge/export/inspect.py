@@ -96,7 +96,11 @@ def inspect_folder(folder: str | Path) -> tuple[str, str | None]:
 
     path = folder / mf.MODEL_ONNX
     if path.is_file():
-        model = onnx.load(str(path), load_external_data=False)
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: a damaged file
+            lines.append(f"graph         unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            return "\n".join(lines), problem or f"{path} is not a readable ONNX graph"
         g = model.graph
         opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
         lines.append(f"opsets        {opsets} (ir_version {model.ir_version}, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,20 @@ INERT_KEYS = frozenset("""
 # Keys allowed only at the value that leaves the forward pass unchanged.
 NEUTRAL_VALUES = {"hidden_act": "silu", "mlp_bias": False, "moe_layer_freq": 1, "quantization_config": None,
                   "pruned_heads": {}, "chunk_size_feed_forward": 0, "partial_rotary_factor": 1.0}
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "int | None": "an integer or null", "dict": "an object"}
+
+
+def _has_type(value, annotation: str) -> bool:
+    if annotation == "int | None" and value is None:
+        return True
+    if annotation in ("int", "int | None"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, {"bool": bool, "str": str, "dict": dict}.get(annotation, object))
 
 
 @dataclass
@@ -270,9 +285,15 @@ class ModelConfig:
         implemented is refused with one line naming it and its value."""
         from perseus_edge.model.rope import split_rope_parameters
 
+        if not isinstance(data, dict):
+            raise PerseusError(f"invalid model config: a JSON {type(data).__name__}, expected an object")
         data = split_rope_parameters(data)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
+        for f in dataclasses.fields(cls):  # config.json is untrusted: types before any arithmetic
+            if f.name in known and not _has_type(known[f.name], str(f.type)):
+                raise PerseusError(f"invalid model config: {f.name} must be {_TYPE_WORDS[str(f.type)]}, "
+                                   f"got {known[f.name]!r}")
         extra = {k: v for k, v in data.items() if k not in names}
         for key, value in extra.items():
             if key in NEUTRAL_VALUES:
@@ -322,9 +343,11 @@ class ModelConfig:
         if not path.is_file():
             raise PerseusError(f"config not found: {path}")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PerseusError(f"{path} is not valid JSON ({e})") from None
+        except OSError as e:
+            raise PerseusError(f"cannot read {path}: {e.strerror}") from None
         if not isinstance(data, dict):
             raise PerseusError(f"{path} holds a JSON {type(data).__name__}, expected an object")
         if "arch" not in data:  # a transformers DeepSeek-V2/V3 folder, or refused in one line

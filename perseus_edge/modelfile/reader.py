@@ -74,9 +74,11 @@ def open_folder(path: str | os.PathLike, format: str = "auto", verify: bool = Tr
     gpath = path / mf.GENERATION_CONFIG
     if gpath.is_file():
         try:
-            generation = json.loads(gpath.read_text())
+            generation = json.loads(gpath.read_bytes().decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PerseusError(f"{gpath} is not valid JSON ({e})") from None
+        if not isinstance(generation, dict):
+            raise PerseusError(f"{gpath} holds a JSON {type(generation).__name__}, expected an object")
     tokenizer = load_tokenizer(path / mf.TOKENIZER)
     check_vocab(tokenizer, config.vocab_size, where=f"the model in {path}")
     return ModelFolder(path, manifest, config, generation, tokenizer, graph, format)

@@ -46,7 +46,10 @@ def evaluate(model_dir: str | os.PathLike, text_or_tokens, seq_len: int | None =
         tokens = np.asarray(text_or_tokens)
     if tokens.ndim != 1:
         raise PerseusError(f"expected a 1-D token array, got shape {tokens.shape}")
-    seq_len = seq_len or model.max_context
+    if seq_len is None:
+        seq_len = model.max_context
+    if seq_len < 1:
+        raise PerseusError(f"seq_len must be at least 1, got {seq_len}")
     if seq_len > model.max_context:
         raise PerseusError(f"seq_len {seq_len} exceeds the model's context of {model.max_context}")
     if max_batches is not None and max_batches < 1:

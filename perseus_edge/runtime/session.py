@@ -142,6 +142,10 @@ class GraphSpec:
                     if isinstance(shape[1], int):
                         contexts.add(shape[1])
                     caches.append(CacheSpec(past, present, shape[2], dtype))
+        unknown = sorted(set(inputs) - {mf.INPUT_IDS, mf.POSITION} - {c.past for c in caches})
+        if unknown:
+            raise PerseusError(f"{where} has inputs {', '.join(unknown[:3])} that config.json does not "
+                               f"describe (config.json and graph disagree)")
         if len(contexts) > 1:
             raise PerseusError(f"{where}: cache inputs disagree on the context length {sorted(contexts)}")
         max_context = (contexts.pop() if contexts
