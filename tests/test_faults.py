@@ -89,7 +89,7 @@ def ckpt(make_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def onnx_model(ckpt, tmp_path_factory) -> Path:
     """One exported tiny model for the whole battery (never modified: tests copy it)."""
-    from perseus_edge.export import export_checkpoint
+    from perseus_edge.build import export_checkpoint
 
     return export_checkpoint(ckpt, tmp_path_factory.mktemp("faults") / "onnx")
 
@@ -212,7 +212,7 @@ BAD_FLAGS = [
     ("run {model} -p ''", "empty prompt", 1),
     ("inspect {tmp}/none", "model folder not found", 1),
     ("inspect {tmp}", "no manifest.json", 1),
-    ("to-ort {model} --target-platform riscv", "unknown target platform 'riscv'", 1),
+    ("to-ort {model} --platform riscv", "unknown platform 'riscv'", 1),
     ("to-ort {tmp}/none", "model folder not found", 1),
     ("to-ort {ckpt}", "is not an exported ONNX model folder", 1),
     ("profile {model} -o {tmp}/p.txt --no-measure --no-ops", "is an existing file", 1),
