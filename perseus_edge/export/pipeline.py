@@ -2,7 +2,7 @@
 
     load     verify the checkpoint's manifest, rebuild the PyTorch model      (checkpoint.py)
     prepare  tensors in graph layout: transposes, RoPE lanes, MLA absorption  (weights.py)
-    build    the portable graph with the perseus ops as local functions       (build.py, ops.py)
+    graph    the portable graph with the perseus ops as local functions       (decoder.py, ops.py)
 
 Each step is a plain function of the previous step's result, testable alone. What comes next is
 the caller's: `quantize`, `lower`, then `modelfile.writer.save` (composed in `perseus_edge.build`).
@@ -35,7 +35,7 @@ def export(checkpoint: str | os.PathLike, max_context: int | None = None,
 
     from perseus_edge import __version__
     from perseus_edge.checkpoint import load_checkpoint
-    from perseus_edge.export.build import build
+    from perseus_edge.export.decoder import decoder_graph
     from perseus_edge.export.weights import prepare
     from perseus_edge.modelfile.graph import OPSET
     from perseus_edge.modelfile.writer import generation_config
@@ -48,7 +48,7 @@ def export(checkpoint: str | os.PathLike, max_context: int | None = None,
     model, tokenizer_path = load_checkpoint(ckpt, tokenizer=tokenizer)
     cfg = model.cfg
     context = _context(cfg, max_context)
-    graph = build(cfg, prepare(model, context), context)
+    graph = decoder_graph(cfg, prepare(model, context), context)
     del model
     record = {"opset": OPSET, "max_context": context, "arch": cfg.arch,
               "source_checkpoint": {"path": str(ckpt.absolute()), "sha256": source_sha},

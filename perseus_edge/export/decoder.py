@@ -1,4 +1,4 @@
-"""Stage `build`: the portable decoder graph, emitted from the prepared weights.
+"""The portable decoder graph, emitted from the prepared weights (`weights.prepare`).
 
 One graph serves prefill and decode (the contract in `perseus_edge.modelfile`):
 
@@ -25,7 +25,7 @@ from perseus_edge.model.config import LATENT_NORM_EPS, ModelConfig
 PRODUCER = "perseus-edge"
 
 
-def build(cfg: ModelConfig, weights: dict[str, np.ndarray], max_context: int) -> onnx.ModelProto:
+def decoder_graph(cfg: ModelConfig, weights: dict[str, np.ndarray], max_context: int) -> onnx.ModelProto:
     """The portable ONNX model of `cfg` with `weights` (from `weights.prepare`)."""
     b = Builder()
 
