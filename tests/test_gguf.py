@@ -164,3 +164,21 @@ def test_llama_cpp_logits_match(ckpt):
 
     result = check(ckpt, "f32", tokens=64)
     assert result["max_rel_diff"] <= 1e-3 and result["argmax_agreement"] == 1.0, result
+
+
+def test_bench_times_gguf_beside_a_folder(ckpt, written, tmp_path):
+    """perseus bench runs both engines in one call; every depth holds its prefix in llama.cpp's
+    cache after shallower tests removed it (skipped without llama-cpp-python)."""
+    pytest.importorskip("llama_cpp")
+    from perseus_edge.bench.rounds import make_tests, run_bench
+    from perseus_edge.export import export_checkpoint
+    from perseus_edge.model.config import ModelConfig
+
+    folder = export_checkpoint(ckpt, tmp_path / "onnx", target="ort-cpu")
+    records = run_bench([str(folder), str(written["q8_0"])], make_tests([16], [4], [0, 40]), [1], reps=2)
+    assert [(r["backend"], r["test"]) for r in records] == [
+        (b, t) for b in ("onnxruntime", "llama.cpp") for t in ("pp16", "pp16 @ d40", "tg4", "tg4 @ d40")]
+    assert all(len(r["samples_ts"]) == 2 and r["avg_ts"] > 0 and r["peak_rss_bytes"] > 0 for r in records)
+    # same model, counted by each engine: llama.cpp also counts the router bias (a buffer in ours)
+    cfg = ModelConfig.load(ckpt)
+    assert records[4]["params"] - records[0]["params"] == cfg.num_hidden_layers * cfg.n_routed_experts

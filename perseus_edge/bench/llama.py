@@ -58,10 +58,19 @@ class LlamaCppBackend:
         self.tokens = (L.llama_token * len(prompt))(*[int(t) for t in prompt])
         self.token_p = ctypes.POINTER(L.llama_token)
         self.base = ctypes.addressof(self.tokens)
+        self.valid = 0  # leading cache positions that hold prompt[:valid]
 
     def reset(self, depth: int) -> None:
-        """Drop the cache cells at positions >= depth (the test rewrites them)."""
+        """Leave exactly prompt[:depth] in the cache: drop the cells at positions >= depth, and
+        decode the missing part of the prefix when an earlier, shallower test removed it
+        (unlike the ONNX cache's rows, llama.cpp's cells go away with `llama_memory_seq_rm`)."""
         self.L.llama_memory_seq_rm(self.memory, 0, depth, -1)
+        self.valid = min(self.valid, depth)
+        for s in range(self.valid, depth, BATCH):
+            self.forward(s, min(s + BATCH, depth))
+        last = self.L.llama_memory_seq_pos_max(self.memory, 0)
+        if last != depth - 1:
+            raise RuntimeError(f"llama.cpp's cache ends at position {last}, expected {depth - 1}")
 
     def forward(self, start: int, stop: int) -> None:
         """Decode prompt[start:stop] at positions start..: a one-sequence batch continues from the
@@ -72,3 +81,4 @@ class LlamaCppBackend:
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} at position {start}")
         L.llama_synchronize(self.ctx)
+        self.valid = stop

@@ -18,7 +18,8 @@ Failures answer {"error": "..."}; end of input ends the worker.
 Generation is teacher-forced: every step feeds the prompt's next token, as llama-bench feeds
 tokens it does not sample. Both engines thus read the same ids, and every test writes the same
 tokens at the same positions, so the cache rows below any depth always hold prompt[:depth]:
-the ONNX cache never needs restoring; llama.cpp's cache drops its cells past the depth first.
+the ONNX cache never needs restoring; llama.cpp's cache drops its cells past the depth and
+refills the prefix when a shallower test removed it (untimed).
 
 Backends, chosen by what the path is:
   onnxruntime  a model folder: `perseus_edge.runtime.Model.forward` (in-place IO binding)
