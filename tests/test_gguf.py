@@ -149,6 +149,15 @@ def test_gguf_refusals(make_checkpoint, ckpt, tmp_path):
     with pytest.raises(PerseusError, match=r"^GGUF export needs an MLA architecture \(llama.cpp's deepseek2\); "
                                            r"'mha' is not one$"):
         export_gguf(make_checkpoint("mha"), tmp_path / "m.gguf")
+    from perseus_edge.export.gguf import check_config
+    from perseus_edge.model.config import preset
+
+    with pytest.raises(PerseusError, match=r"^GGUF export does not support rope_scaling yet"):
+        check_config(preset("tiny", rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    with pytest.raises(PerseusError, match=r"^GGUF export does not support group-limited routing yet \(n_group 2\)"):
+        check_config(preset("tiny", n_group=2, topk_group=1, scoring_func="softmax", topk_method="group_limited_greedy"))
+    with pytest.raises(PerseusError, match=r"^GGUF export needs rope_interleave=true"):
+        check_config(preset("tiny", rope_interleave=False))
     with pytest.raises(PerseusError, match=r"a GGUF output is a file named \*.gguf"):
         export_gguf(ckpt, tmp_path / "m.bin")
     (tmp_path / "m.gguf").write_text("x")
@@ -157,12 +166,15 @@ def test_gguf_refusals(make_checkpoint, ckpt, tmp_path):
     assert (tmp_path / "m.gguf").read_text() == "x"
 
 
-def test_llama_cpp_logits_match(ckpt):
-    """llama.cpp runs the f32 file and gives our logits (skipped without llama-cpp-python)."""
+@pytest.mark.parametrize("routing", [{}, dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False)],
+                         ids=["sigmoid", "softmax"])
+def test_llama_cpp_logits_match(make_checkpoint, routing):
+    """llama.cpp runs the f32 file and gives our logits, with V3's and V2's routing (skipped
+    without llama-cpp-python)."""
     pytest.importorskip("llama_cpp")
     from studies.llama_cpp.check_gguf import check
 
-    result = check(ckpt, "f32", tokens=64)
+    result = check(make_checkpoint(**routing), "f32", tokens=64)
     assert result["max_rel_diff"] <= 1e-3 and result["argmax_agreement"] == 1.0, result
 
 

@@ -8,8 +8,8 @@ checkpoint (`convert_hf_to_gguf.py`, class DeepseekV2Model), which our MLA check
                [n_expert, out, in] tensor per projection; kv_b_proj split into k_b (transposed,
                for absorbed attention) and v_b; e_score_correction_bias -> exp_probs_b.bias
   - metadata   MLA as MQA (head_count_kv 1, key length kv_lora_rank + rope), MLA head sizes,
-               expert counts and widths, sigmoid gating (llama.cpp assumes softmax, DeepSeek-V2's,
-               when the key is absent), `attention.q_lora_rank` always written (0 without q LoRA:
+               expert counts and widths, the gating function always written (llama.cpp assumes
+               softmax, DeepSeek-V2's, when the key is absent, and our models use sigmoid), `attention.q_lora_rank` always written (0 without q LoRA:
                the loader reads it for most layer counts)
   - tokenizer  our byte-level BPE as llama.cpp's "gpt2" model with GPT-2 pre-tokenization (our
                pre-tokenizer is ByteLevel with GPT-2's regex); no BOS added
@@ -43,17 +43,20 @@ def _types(outtype: str):
 
 
 def check_config(cfg) -> None:
-    """One-line refusals for what llama.cpp's deepseek2 graph would compute differently."""
+    """One-line refusals for what llama.cpp's deepseek2 graph would compute differently (or what
+    this exporter has not been checked against llama.cpp for)."""
     if not cfg.is_mla:
         raise PerseusError(f"GGUF export needs an MLA architecture (llama.cpp's deepseek2); "
                            f"{cfg.arch!r} is not one")
     if cfg.rope_scaling:
-        raise PerseusError(f"GGUF export does not support rope_scaling ({cfg.rope_scaling!r})")
-    if not cfg.rope_interleave or cfg.attention_bias:
-        raise PerseusError("GGUF export needs rope_interleave=true and attention_bias=false")
-    if cfg.is_moe and (cfg.scoring_func != "sigmoid" or cfg.grouped_routing):
-        raise PerseusError(f"GGUF export supports sigmoid routing without expert groups, not scoring_func "
-                           f"{cfg.scoring_func} with n_group {cfg.n_group}")
+        raise PerseusError(f"GGUF export does not support rope_scaling yet ({cfg.rope_scaling!r})")
+    if not cfg.rope_interleave:
+        raise PerseusError("GGUF export needs rope_interleave=true (llama.cpp's deepseek2 rotates pairs)")
+    if cfg.attention_bias:
+        raise PerseusError("GGUF export does not support attention_bias=true (llama.cpp's deepseek2 has no "
+                           "attention biases)")
+    if cfg.is_moe and cfg.n_group > 1:
+        raise PerseusError(f"GGUF export does not support group-limited routing yet (n_group {cfg.n_group})")
 
 
 def hf_tensors(state: dict, cfg) -> dict[str, np.ndarray]:
@@ -135,9 +138,10 @@ def add_metadata(w, cfg, file_type, name: str) -> None:
     if cfg.is_moe:
         w.add_expert_count(cfg.n_routed_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
-        w.add_expert_group_count(1)
-        w.add_expert_group_used_count(1)
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_group_count(cfg.n_group)
+        w.add_expert_group_used_count(cfg.topk_group)
+        gating = gguf.ExpertGatingFuncType
+        w.add_expert_gating_func(gating.SIGMOID if cfg.scoring_func == "sigmoid" else gating.SOFTMAX)
         w.add_expert_weights_scale(cfg.routed_scaling_factor)
         if cfg.norm_topk_prob:
             w.add_expert_weights_norm(True)
