@@ -183,7 +183,7 @@ def test_bench_times_gguf_beside_a_folder(ckpt, written, tmp_path):
     cache after shallower tests removed it (skipped without llama-cpp-python)."""
     pytest.importorskip("llama_cpp")
     from perseus_edge.bench.rounds import make_tests, run_bench
-    from perseus_edge.export import export_checkpoint
+    from perseus_edge.build import export_checkpoint
     from perseus_edge.model.config import ModelConfig
 
     folder = export_checkpoint(ckpt, tmp_path / "onnx", target="ort-cpu")
