@@ -289,3 +289,14 @@ def test_cli_eval_text_on_the_folder_and_its_export(variant, tmp_path):
     a, b = json.loads(ours.stdout), json.loads(exported.stdout)
     assert a["split"] == b["split"] == str(text) and a["tokens"] == b["tokens"] > 0
     assert abs(a["loss"] - b["loss"]) < 1e-4 and a["loss"] > 0
+
+
+def test_own_tokenizer_without_our_end_token_uses_the_config_eos(variant, tmp_path):
+    """A user's tokenizer spells end-of-text its own way: the runtime stops on the config's id."""
+    _, folder, _ = variant("v3")
+    text = Path(DEFAULT_TOKENIZER).read_text(encoding="utf-8").replace("<|endoftext|>", "</s>")
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(text, encoding="utf-8")
+    out = export_checkpoint(folder, tmp_path / "onnx", tokenizer=tok)
+    eos = json.loads((folder / "config.json").read_text())["eos_token_id"]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == eos == 1

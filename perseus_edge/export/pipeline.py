@@ -54,7 +54,7 @@ def export(checkpoint: str | os.PathLike, max_context: int | None = None,
               "source_checkpoint": {"path": str(ckpt.absolute()), "sha256": source_sha},
               "exporter": {"perseus_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__}}
     tokenizer = Path(tokenizer_path).read_bytes()
-    generation = generation_config(load_tokenizer(tokenizer_path), context)
+    generation = generation_config(load_tokenizer(tokenizer_path), context, cfg.extra.get("eos_token_id"))
     return Program(graph, cfg, tokenizer, generation, mf.KIND_ONNX, {mf.EXPORT_META: record})
 
 

@@ -79,11 +79,17 @@ def save_graph(model: onnx.ModelProto, folder: Path) -> None:
             t.raw_data = raw
 
 
-def generation_config(tokenizer, max_context: int) -> dict:
-    """Runtime defaults: context length, end-of-text id from the tokenizer, sampling settings."""
+def generation_config(tokenizer, max_context: int, config_eos=None) -> dict:
+    """Runtime defaults: context length, end-of-text id from the tokenizer, sampling settings.
+
+    config_eos: the checkpoint's own `eos_token_id` (a transformers folder with its own
+    tokenizer), used when the tokenizer has no perseus end-of-text token."""
     eos, pad = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
-    if eos is None:
-        raise PerseusError(f"the tokenizer has no {EOS} token: the runtime could not stop generating")
+    if eos is None and config_eos is not None:
+        eos = config_eos[0] if isinstance(config_eos, list) and config_eos else config_eos
+    if not isinstance(eos, int) or not 0 <= eos < tokenizer.get_vocab_size(with_added_tokens=True):
+        raise PerseusError(f"the tokenizer has no {EOS} token and the config no eos_token_id within it: "
+                           "the runtime could not stop generating")
     return {"max_context": max_context, "eos_token_id": eos, "pad_token_id": pad, "do_sample": True,
             **SAMPLING}
 
