@@ -298,7 +298,9 @@ def train(cfg: TrainConfig) -> dict:
                 dist.all_reduce(mean_loss)
                 mean_loss /= world
         if evaluating:
-            val_loss = evaluate(model, valid_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches, device, autocast)
+            # the global batch size: every process count scores the same windows of valid
+            val_loss = evaluate(model, valid_tokens, cfg.seq_len, cfg.batch_size * world, cfg.eval_batches,
+                                device, autocast)
         if master and log_now:
             if device.type == "cuda":
                 torch.cuda.synchronize()

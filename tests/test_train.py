@@ -73,16 +73,29 @@ def test_tiny_model_learns_on_cpu(trained_run):
     assert saved["router_bias_update_rate"] == 2e-3  # --router-bias-rate reaches the model
 
 
-def test_resume_continues_from_the_saved_step(trained_run, tiny_tokenizer):
-    cfg, _ = trained_run
-    ckpt = Path(cfg.out) / "checkpoint"
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["step"] == TRAIN_STEPS
-    more = TrainConfig(**{**cfg.__dict__, "steps": TRAIN_STEPS + 20, "resume": True})
-    result = train(more)
-    log = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == TRAIN_STEPS + 20
-    assert result["val_loss"] < VALID_LOSS_BELOW
+def test_resume_equals_one_uninterrupted_run(tmp_path, tiny_tokenizer):
+    """6 steps in one go == 3 steps, then --resume to 6: same losses, same weights. Fails when
+    the optimizer state (Muon momentum, AdamW moments, step counts) or the step is not restored.
+    Its own runs, so the result does not depend on which tests ran before."""
+    kw = dict(batch_size=4, seq_len=32, warmup=2, eval_every=3, eval_batches=1, max_chars=50_000, log_every=1)
+    whole = run_config(tmp_path / "whole", tiny_tokenizer, steps=6, **kw)
+    train(whole)
+    part = run_config(tmp_path / "part", tiny_tokenizer, steps=3, **kw)
+    train(part)
+    assert json.loads((Path(part.out) / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    train(TrainConfig(**{**part.__dict__, "steps": 6, "resume": True}))
+
+    def log(cfg):
+        return [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
+
+    a, b = log(whole), log(part)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6), (ra, rb)
+        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-12)
+    sa, sb = load_state(Path(whole.out) / "checkpoint"), load_state(Path(part.out) / "checkpoint")
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-6), k
 
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path, tiny_tokenizer):
@@ -134,7 +147,8 @@ def test_tokenizer_vocab_mismatch_is_refused(tmp_path, make_checkpoint):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_two_process_ddp_matches_one_process(tmp_path, tiny_tokenizer):
-    """2 gloo processes x batch 4 see the same global batch as 1 process x batch 8: same losses."""
+    """2 gloo processes x batch 4 see the same global batch as 1 process x batch 8: same train
+    loss, and validation scores the same windows, so the same validation loss."""
     env = {**os.environ, "PERSEUS_CACHE": str(tmp_path / "tokens"), "OMP_NUM_THREADS": "1"}
     common = ["--preset", "tiny", "--seq-len", "32", "--steps", "6", "--warmup", "2", "--eval-every", "6",
               "--eval-batches", "2", "--max-chars", "100000", "--tokenizer", str(tiny_tokenizer)]
@@ -151,6 +165,8 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_tokenizer):
     one = run(1, 8, tmp_path / "one")
     two = run(2, 4, tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two]
-    for a, b in zip(one, two):
-        assert abs(a["loss"] - b["loss"]) < 2e-3 * abs(a["loss"]), (a, b)
-    assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) < 2e-3 * one[-1]["val_loss"]
+    gaps = [abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(one, two)]
+    val_gap = abs(one[-1]["val_loss"] - two[-1]["val_loss"]) / one[-1]["val_loss"]
+    # the log rounds to 5 decimals: equal up to that rounding (validation scores the same windows
+    # in both runs; scoring fewer windows per process showed a 5.7e-4 gap)
+    assert max(gaps) < 1e-5 and val_gap < 1e-5, (gaps, val_gap)
