@@ -676,7 +676,7 @@ def test_two_quantize_runs_racing_exactly_one_wins(onnx_model, tmp_path):
 @pytest.mark.parametrize("point", ["ort.unlisted", "ort.replaced", "file.replace/manifest.json"])
 def test_killed_to_ort_leaves_a_loadable_folder(capsys, model_copy, point):
     """to-ort run twice (the second replaces the first's .ort) and killed at each step."""
-    from perseus_edge.runtime.session import open_folder
+    from perseus_edge.modelfile.reader import open_folder
 
     assert cli(capsys, "to-ort", model_copy).code == 0
     r = sub("to-ort", model_copy, env={"PERSEUS_FAULT": f"{point}:kill"})

@@ -53,7 +53,8 @@ def rss_now() -> dict:
 def probe(model_dir: str, threads: int = 1, prefill: int = 256, decode: int = 16) -> dict:
     """Measured RSS at each stage of loading and running the model (call in a fresh process)."""
     from perseus_edge.runtime.cache import KVCache
-    from perseus_edge.runtime.session import GraphSpec, create_session, open_folder
+    from perseus_edge.modelfile.reader import open_folder
+    from perseus_edge.runtime.session import GraphSpec, create_session
 
     stages = {"base": rss_now()}
     folder = open_folder(model_dir, verify=False)

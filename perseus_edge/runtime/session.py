@@ -17,7 +17,7 @@ import numpy as np
 
 from perseus_edge import modelfile as mf
 from perseus_edge.errors import PerseusError
-from perseus_edge.modelfile.reader import ModelFolder, open_folder  # noqa: F401 (re-exported)
+from perseus_edge.modelfile.reader import ModelFolder
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(bfloat16)": None, "tensor(double)": np.float64}

@@ -28,7 +28,8 @@ def optimized_nodes(folder: Path, threads: int) -> int:
     import onnx
     import onnxruntime as ort
 
-    from perseus_edge.runtime.session import open_folder, session_options
+    from perseus_edge.modelfile.reader import open_folder
+    from perseus_edge.runtime.session import session_options
 
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(threads)
