@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +31,7 @@ except ImportError:  # openai >= 3 ships the same client as httpx2
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from perseus_edge.serve import Server, load  # noqa: E402
-from perseus_edge.serve.app import Limits  # noqa: E402
+from perseus_edge.serve import Limits, Server, load  # noqa: E402
 from perseus_edge.serve.protocol import Message, chat_prompt  # noqa: E402
 
 NAME = "tiny"
@@ -71,6 +71,28 @@ def client(server):
 
 def single(lm, prompt, n, **kw) -> str:
     return lm.generate(prompt, n, ignore_eos=True, **kw)
+
+
+class Gate:
+    """Wraps Model.forward so that a test decides when the engine may run, and how fast."""
+
+    def __init__(self, engine, delay: float = 0.0):
+        self.open, self.delay, self.forward = threading.Event(), delay, engine.model.forward
+        engine.model.forward = self
+
+    def __call__(self, *a, **kw):
+        self.open.wait()
+        time.sleep(self.delay)
+        return self.forward(*a, **kw)
+
+
+def _wait(cond, timeout=10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 # ----------------------------------------------------------------------------- happy paths
@@ -155,12 +177,16 @@ def test_concurrent_requests_decode_together(folder, lm):
         copy_slot = model.copy_slot
         model.copy_slot = lambda src, dst, n: (moves.append((src, dst)), copy_slot(src, dst, n))
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        gate, engine = Gate(s.app.engine), s.app.engine  # all 8 queued before the engine goes on
 
         def ask(i):
             return client.completions.create(model=NAME, prompt=PROMPTS[i], max_tokens=lengths[i], **GREEDY)
 
         with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(ask, range(8)))
+            futures = [pool.submit(ask, i) for i in range(8)]
+            assert _wait(lambda: engine.stats()["running"] + engine.stats()["waiting"] == 8)
+            gate.open.set()
+            answers = [f.result(timeout=60) for f in futures]
         assert _wait(lambda: s.app.engine.stats()["running"] == 0)  # slots free just after the answers
         stats = s.app.engine.stats()
     for i, r in enumerate(answers):
@@ -284,28 +310,6 @@ def test_api_key(folder):
         assert httpx.get(s.url + "/health").status_code == 200  # health needs no key
 
 
-class Gate:
-    """Wraps Model.forward so that a test decides when the engine may run, and how fast."""
-
-    def __init__(self, engine, delay: float = 0.0):
-        self.open, self.delay, self.forward = threading.Event(), delay, engine.model.forward
-        engine.model.forward = self
-
-    def __call__(self, *a, **kw):
-        self.open.wait()
-        time.sleep(self.delay)
-        return self.forward(*a, **kw)
-
-
-def _wait(cond, timeout=10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_full_queue_is_refused_then_everyone_is_answered(folder):
     with start(folder, slots=1, max_waiting=1) as s:
         engine = s.app.engine
@@ -385,3 +389,33 @@ def test_a_failing_step_fails_its_requests_not_the_server(folder):
     assert not engine.stats()["alive"]  # the server stopped its engine on the way out
     with pytest.raises(openai.APIConnectionError):  # and nothing listens any more
         openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0).models.list()
+
+
+def test_api_and_server_run_without_torch(folder):
+    """The device install: torch blocked, the Python API and the server still work."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # any `import torch` now fails
+        import json, urllib.request
+        import perseus_edge
+        from perseus_edge.serve import Server, load
+        lm = perseus_edge.load({str(folder)!r}, threads=1)
+        text = lm.generate("Once upon a time", 8, temperature=0.0, ignore_eos=True)
+        with Server(load({str(folder)!r}, threads=1, slots=2, model_name="m"), port=0) as s:
+            body = json.dumps({{"model": "m", "prompt": "Once upon a time", "max_tokens": 8,
+                               "temperature": 0, "ignore_eos": True}}).encode()
+            req = urllib.request.Request(s.url + "/v1/completions", body, {{"Content-Type": "application/json"}})
+            answer = json.load(urllib.request.urlopen(req))["choices"][0]["text"]
+        print(answer == text, "torch" in sys.modules and sys.modules["torch"] is not None)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "False"], out.stderr
+
+
+def test_serve_without_the_extra_says_what_to_install(tmp_path):
+    code = ("import sys; sys.modules['starlette'] = None; from perseus_edge.cli import main; "
+            f"sys.argv = ['perseus', 'serve', {str(tmp_path)!r}]; main()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("error: `perseus serve` needs the serve extra: "
+                                  "pip install 'perseus-edge[serve]' (starlette is missing)")

@@ -54,12 +54,7 @@ def serve(
         raise PerseusError("--api-key is empty")
     import perseus_edge.serve as srv
 
-    try:
-        from perseus_edge.serve.app import Limits
-    except ImportError as e:
-        raise PerseusError(f"`perseus serve` needs the serve extra: pip install 'perseus-edge[serve]' "
-                           f"({e.name} is missing)") from None
-    limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
+    limits = srv.Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
                     max_tokens=max_tokens, default_max_tokens=default_max_tokens)
     app = srv.load(model_dir, slots=slots, threads=threads, low_memory=low_memory, format=format,
                    verify=verify, max_waiting=max_queue, api_key=api_key, model_name=model_name,

@@ -10,7 +10,7 @@ Modules, one job each:
     engine    Engine: the scheduler thread; requests share one batched decode step per token
     protocol  OpenAI request schemas (strict), response bodies, errors, the chat template
     app       the Starlette app: routes, API key, limits, server-sent events, disconnects
-    (here)    load(): folder -> App; Server: uvicorn on a socket, in the foreground or a thread
+    (here)    Limits; load(): folder -> App; Server: uvicorn on a socket, foreground or thread
 
 Needs the `serve` extra (starlette, uvicorn, pydantic); torch-free like the runtime.
 """
@@ -21,21 +21,32 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from perseus_edge.errors import PerseusError
 
 
+@dataclass
+class Limits:
+    """What one request may ask for. None: the model's context decides."""
+
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None  # default: context - 1
+    max_tokens: int | None = None  # per request; default: context - 1
+    default_max_tokens: int = 256  # when a request gives none (OpenAI's completions default is 16)
+
+
 def load(model_dir: str | os.PathLike, *, slots: int = 8, threads: int | None = None,
          low_memory: bool = False, format: str = "auto", verify: bool = True,
          max_waiting: int = 64, api_key: str | None = None, model_name: str | None = None,
-         limits=None):
+         limits: Limits | None = None):
     """Open a model folder and build the app (the engine thread starts with the server)."""
     try:
         from perseus_edge.serve.app import App
     except ImportError as e:
         raise PerseusError(f"`perseus serve` needs the serve extra: pip install 'perseus-edge[serve]' "
-                           f"({e.name} is missing)") from None
+                           f"({(e.name or '?').split('.')[0]} is missing)") from None
     from perseus_edge.modelfile.reader import open_folder
     from perseus_edge.serve.engine import Engine
 

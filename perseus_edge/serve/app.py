@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 from starlette.applications import Starlette
@@ -28,18 +27,9 @@ from starlette.routing import Route
 
 from perseus_edge.errors import PerseusError
 from perseus_edge.sampling import Sampler
+from perseus_edge.serve import Limits
 from perseus_edge.serve import protocol as p
 from perseus_edge.serve.engine import Done, Engine, Failed, Job, Piece, QueueFull
-
-
-@dataclass
-class Limits:
-    """What one request may ask for. None: the model's context decides."""
-
-    max_body_bytes: int = 1 << 20
-    max_prompt_tokens: int | None = None  # default: context - 1
-    max_tokens: int | None = None  # per request; default: context - 1
-    default_max_tokens: int = 256  # when a request gives none (OpenAI's completions default is 16)
 
 
 class App:
