@@ -86,9 +86,14 @@ def test_portable_matches_pytorch(arch, exported, make_checkpoint):
 def test_lowered_matches_pytorch(arch, exported, make_checkpoint):
     folder = exported(arch, "ort-cpu")
     meta = verify_folder(folder)[mf.LOWER_META]
-    assert meta["target"] == "ort-cpu" and meta["passes"] == ["moe_to_ort"]
-    ops = {(n.domain, n.op_type) for n in onnx.load(str(folder / mf.MODEL_ONNX)).graph.node}
+    assert meta["target"] == "ort-cpu" and meta["passes"] == ["moe_to_ort", "skip_norm_to_ort"]
+    nodes = onnx.load(str(folder / mf.MODEL_ONNX)).graph.node
+    ops = {(n.domain, n.op_type) for n in nodes}
     assert ("com.microsoft", "MoE") in ops and (mf.PERSEUS_DOMAIN, mf.OP_MOE) not in ops
+    # every residual add feeding a norm is fused into it: all norms but the first
+    layers = json.loads((folder / mf.CONFIG).read_text())["num_hidden_layers"]
+    fused = [n for n in nodes if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert len(fused) == 2 * layers and sum(n.op_type == "RMSNormalization" for n in nodes) == 1
     assert_parity(folder, make_checkpoint(arch))
 
 
@@ -114,9 +119,11 @@ def test_chunked_prefill_equals_one_prefill(arch, exported):
     np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, atol=1e-5)
 
 
-def test_dense_archs_have_nothing_to_lower(exported):
-    meta = verify_folder(exported("mha", "ort-cpu"))[mf.LOWER_META]
-    assert meta["target"] == "ort-cpu" and meta["passes"] == []
+def test_dense_archs_only_fuse_norms(exported, make_checkpoint):
+    folder = exported("mha", "ort-cpu")
+    meta = verify_folder(folder)[mf.LOWER_META]
+    assert meta["target"] == "ort-cpu" and meta["passes"] == ["skip_norm_to_ort"]
+    assert_parity(folder, make_checkpoint("mha"), steps=8)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -101,10 +101,13 @@ def latent_attention() -> onnx.FunctionProto:
     # two GEMMs rather than one over concatenated keys: no O(context) copy of the cache
     scores = b.Add(b.MatMul(q_lat, b.Transpose(c_all, perm=[0, 2, 1])),
                    b.MatMul(q_rope, b.Transpose(k_all, perm=[0, 2, 1])))  # [B,T*H,S]
-    scores = b.Mul(b.Reshape(scores, shape([0, -1], heads, step.valid)), b.Constant(value_float=Ref("scale")),
-                   _name="scores")  # [B,T,H,S]
-    probs = b.Softmax(b.Where(step.mask, scores, b.const(-np.inf, np.float32)), axis=-1, _name="probs")
-    probs = b.Reshape(probs, shape([0, -1], step.valid))  # [B,T*H,S]
+    scores = b.Mul(scores, b.Constant(value_float=Ref("scale")), _name="scores")
+    # the mask in the scores' [B,T*H,S] row layout: built from position_ids and the num_heads
+    # attribute only, so it too is computed once per step for all layers
+    heads_1d = b.Unsqueeze(b.Constant(value_int=Ref("num_heads", INT)), b.const([0]))
+    per_head = b.Concat(b.const([1, 1]), heads_1d, b.const([1]), axis=0)
+    mask = b.Reshape(b.Expand(step.mask, per_head), shape([0, -1], step.valid), _name="row_mask")
+    probs = b.Softmax(b.Where(mask, scores, b.const(-np.inf, np.float32)), axis=-1, _name="probs")
     out_lat = b.Reshape(b.MatMul(probs, c_all), shape([0, -1], heads, [1], rank))  # [B,T,H,1,r]
     b.Reshape(b.MatMul(out_lat, "w_uv"), b.const([0, 0, -1]), _outputs=["out"])  # [B,T,H*v]
     return b.function(

@@ -51,23 +51,26 @@ def moe_to_ort(model: onnx.ModelProto) -> int:
                                         numpy_helper.from_array(np.ascontiguousarray(fc2), fc2_name)])
 
         b = Builder(scope=node.output[0])
-        x = b.Reshape(x, b.const([-1, d]), _name="tokens")  # the kernel wants [N, d] and [N, E]
-        scores = b.Sigmoid(b.MatMul(x, router))
+        # the kernel takes x as [B, T, d] (its output has x's shape) and router logits as [N, E]
+        scores = b.Reshape(b.Sigmoid(b.MatMul(x, router)), b.const([-1, n_experts]), _name="scores")
         _, idx = b.TopK(b.Add(scores, bias), b.const([attrs["top_k"]]), axis=-1, _outputs=2)
         chosen = b.GatherElements(scores, idx, axis=-1)
         floor = numpy_helper.from_array(np.array([-1e9], np.float32))
         logits = b.ScatterElements(b.ConstantOfShape(b.Shape(scores), value=floor), idx, b.Log(chosen),
                                    axis=-1, _name="router_logits")
-        y = b.op("MoE", x, logits, fc1_name, "", fc2_name, _domain=MS_DOMAIN, k=attrs["top_k"],
-                 activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-                 swiglu_limit=float("inf"), normalize_routing_weights=1)
         # the kernel's weights sum to one: rescale by routed_scaling_factor, and by the sum of
         # the chosen scores when the model does not normalise
-        if attrs["scaling"] != 1.0:
-            y = b.Mul(y, b.const(attrs["scaling"], np.float32))
-        if not attrs["normalize"]:
-            y = b.Mul(y, b.ReduceSum(chosen, b.const([-1]), keepdims=1))
-        b.Reshape(y, b.Shape(node.input[0]), _outputs=[node.output[0]])
+        scale, renorm = attrs["scaling"] != 1.0, not attrs["normalize"]
+        y = b.op("MoE", x, logits, fc1_name, "", fc2_name, _domain=MS_DOMAIN, k=attrs["top_k"],
+                 activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                 swiglu_limit=float("inf"), normalize_routing_weights=1,
+                 _outputs=1 if scale or renorm else [node.output[0]])
+        if scale:
+            y = b.Mul(y, b.const(attrs["scaling"], np.float32), _outputs=1 if renorm else [node.output[0]])
+        if renorm:
+            total = b.ReduceSum(chosen, b.const([-1]), keepdims=1)  # [N, 1] -> [B, T, 1]
+            b.Mul(y, b.Reshape(total, b.Concat(b.Shape(x, end=-1), b.const([1]), axis=0)),
+                  _outputs=[node.output[0]])
         nodes.extend(b.nodes)
     if count:
         del model.graph.node[:]
@@ -82,7 +85,46 @@ def _routing_variant(node: onnx.NodeProto) -> bool:
     return any(a.name in ("softmax", "n_group") for a in node.attribute)
 
 
-REWRITES = {"ort-cpu": [moe_to_ort]}
+def skip_norm_to_ort(model: onnx.ModelProto) -> int:
+    """Add(a, b) -> RMSNormalization  =>  com.microsoft.SkipSimplifiedLayerNormalization(a, b).
+
+    The residual add and the next layer's norm become one kernel; the sum the residual stream
+    carries on is the kernel's 4th output (input + skip). One node fewer per norm after the first
+    (16 for an 8-layer model): at decode, where a step is hundreds of tiny kernels, every node
+    costs its dispatch.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    outputs = {o.name for o in model.graph.output}
+    fused, count = {}, 0
+    for node in model.graph.node:
+        add = producer.get(node.input[0]) if node.op_type == "RMSNormalization" and not node.domain else None
+        if add is None or add.op_type != "Add" or add.domain or id(add) in fused or add.output[0] in outputs:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("axis", -1) != -1 or attrs.get("stash_type", 1) != 1:
+            continue
+        fused[id(add)] = helper.make_node(
+            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], node.input[1]],
+            [node.output[0], "", "", add.output[0]], name=node.name + "/skip", domain=MS_DOMAIN,
+            epsilon=attrs.get("epsilon", 1e-5))
+        fused[id(node)] = None
+        count += 1
+    if count:
+        nodes = []
+        for node in model.graph.node:
+            if id(node) not in fused:
+                nodes.append(node)
+            elif fused[id(node)] is None:  # the norm: emitted where its Add was
+                continue
+            else:
+                nodes.append(fused[id(node)])
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        ensure_opset(model, MS_DOMAIN, 1)
+    return count
+
+
+REWRITES = {"ort-cpu": [moe_to_ort, skip_norm_to_ort]}
 
 
 def lower(model: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, list[str]]:
