@@ -19,9 +19,9 @@ def quantize(
     scheme: str = typer.Option(..., "--scheme",
                                help="int8 (dynamic int8 matmuls), int4 (block-wise weight-only, MatMulNBits), "
                                     "fp16 (weight storage) or fp32 (weights untouched; with --kv-cache int8)."),
-    target: str = typer.Option("portable", "--target",
-                               help="Lowering after quantization: portable, or ort-cpu (onnxruntime CPU kernels, "
-                                    "experts in QMoE)."),
+    target: str = typer.Option("ort-cpu", "--target",
+                               help="Lowering after quantization: ort-cpu (onnxruntime CPU kernels, experts in QMoE: "
+                                    "what `perseus run` is fastest on), or portable (standard ONNX + perseus functions)."),
     isa: str = typer.Option("auto", "--isa",
                             help="Instruction-set settings: auto (this machine), avx512_vnni, avx512, avx2, arm64."),
     kv_cache: str = typer.Option("fp32", "--kv-cache", help="fp32, or int8 (per-token scales, ~3.8x fewer bytes)."),
