@@ -4,6 +4,10 @@ The folder is also a valid Hugging Face DeepseekV3 checkpoint for the MLA archit
 config carries HF's keys (`model_type`, `architectures`, ...) beside ours, and tensor names are
 HF's, sharded with `model.safetensors.index.json` when asked. No pickle anywhere: weights are
 safetensors, everything else JSON. Writes are atomic and loads verify every sha256.
+
+The other way round, a transformers DeepSeek-V2/V3 folder (`save_pretrained`, no manifest, no
+`arch`) loads too: its config is translated or refused by `perseus_edge.model.hf`, and
+`_fit_state` reconciles its tensors with our modules.
 """
 
 from __future__ import annotations
