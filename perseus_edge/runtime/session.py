@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -87,11 +88,44 @@ def create_session(folder: ModelFolder, threads: int | None = None, low_memory: 
     if folder.format == "ort":
         so.add_session_config_entry("session.load_model_format", "ORT")
     try:
-        return ort.InferenceSession(str(folder.graph), sess_options=so, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(folder.graph), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types, all with a message
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
         raise PerseusError(f"onnxruntime cannot load {folder.graph}: {first}") from None
+    if folder.format == "onnx":
+        release_mapped_pages(folder.path / mf.MODEL_DATA)
+    return session
+
+
+def release_mapped_pages(path: Path) -> int:
+    """Drop this process's resident pages of the memory-mapped weight file `path` (Linux).
+
+    ORT maps model.onnx.data and reads every weight once while it builds the session; the
+    weights it prepacks into its own buffers are never read from the mapping again, yet their
+    pages stay resident and count in the process's RSS (54M int8: 9 MiB). madvise(MADV_DONTNEED)
+    on a mapping none of whose pages were written (no anonymous copy-on-write pages, checked in
+    smaps) only unmaps the pages: whatever a kernel still reads (embedding rows, norms) is faulted
+    back in from the page cache on first use. Returns the number of mappings released.
+    """
+    import ctypes
+
+    smaps = Path("/proc/self/smaps")
+    if not path.is_file() or not smaps.is_file():
+        return 0
+    target, ranges, current = str(path.resolve()), [], None
+    for line in smaps.read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            current = fields[0] if len(fields) == 6 and fields[5] == target else None
+        elif current and fields[0] == "Anonymous:" and fields[1] == "0":  # no copy-on-write pages
+            ranges.append([int(x, 16) for x in current.split("-")])
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return sum(madvise(start, end - start, 4) == 0 for start, end in ranges)  # 4: MADV_DONTNEED
 
 
 # ----------------------------------------------------------------------------- graph contract
