@@ -86,12 +86,38 @@ def test_tokenizer_that_does_not_match_the_vocab(ckpt_copy):
     assert_one_line_error(perseus("generate", ckpt_copy, "-p", "Once"), "vocab_size is 512")
 
 
-def test_generate_and_eval_work_on_a_good_checkpoint(make_checkpoint):
+def test_generate_and_eval_match_references_on_a_good_checkpoint(make_checkpoint, data_dir):
+    """The CLI's numbers, recomputed here: greedy text from the model's own argmax, and the loss
+    as plain cross-entropy over the first 2 x 8 windows of 64 tokens of the valid split."""
+    import lzma
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from perseus_edge.checkpoint import load_checkpoint
+    from perseus_edge.tokenizer import load_tokenizer
+
     ckpt = make_checkpoint()
-    proc = perseus("generate", ckpt, "-p", "Once upon a time", "-n", "8", "--seed", "3", "--temperature", "0.7")
+    model, tok_path = load_checkpoint(ckpt)
+    tok = load_tokenizer(tok_path)
+    ids = tok.encode("Once upon a time").ids
+    with torch.no_grad():
+        for _ in range(8):  # greedy, full forward each step (no cache): an independent path
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    proc = perseus("generate", ckpt, "-p", "Once upon a time", "-n", "8")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("Once upon a time")
+    assert proc.stdout == "Once upon a time" + tok.decode(ids[-8:], skip_special_tokens=False) + "\n"
+
     proc = perseus("eval", ckpt, "--max-batches", "2", "--seq-len", "64", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["split"] == "valid" and result["tokens"] == 2 * 8 * 64 and result["ppl"] > 1
+    text = lzma.open(data_dir / "valid.txt.xz", "rt", encoding="utf-8", newline="").read(20_000)
+    tokens = np.array(tok.encode(text).ids[: 16 * 64 + 1])
+    x = torch.tensor(tokens[:-1].reshape(16, 64))
+    y = torch.tensor(tokens[1:].reshape(16, 64))
+    with torch.no_grad():
+        loss = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten()).item()
+    assert result["split"] == "valid" and result["tokens"] == 2 * 8 * 64
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert result["ppl"] == pytest.approx(np.exp(loss), rel=1e-5)
