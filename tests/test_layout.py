@@ -58,10 +58,6 @@ ROOT = (0, "ground")  # perseus_edge/__init__.py: the version string
 # ... and the public face: `perseus_edge.load` & co., imported lazily (and for type checkers)
 FACADE = {"perseus_edge.api"}
 
-# Long or history-worded modules that another change is moving out of the package (to studies/);
-# each must still exist, so this list cannot outlive the move.
-MOVING_OUT: set[str] = set()
-
 
 def floor(module: str) -> tuple[float, str]:
     if module == "perseus_edge":
@@ -141,14 +137,12 @@ def test_the_scan_sees_lazy_and_relative_imports(tmp_path):
 
 
 def test_no_module_is_too_long():
-    assert all((PACKAGE.parent / p).is_file() for p in MOVING_OUT), "moved: drop it from MOVING_OUT"
-    long = {rel: n for _, path in modules() if (rel := str(path.relative_to(PACKAGE.parent))) not in MOVING_OUT
-            and (n := len(path.read_text().splitlines())) > MAX_LINES}
+    long = {str(path.relative_to(PACKAGE.parent)): n for _, path in modules()
+            if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
 
 
 @pytest.mark.parametrize("word", ["campaign", "call5", "issue 4", "had not landed"])
 def test_no_project_history_in_shipped_code(word):
-    hits = [rel for _, p in modules() if (rel := str(p.relative_to(PACKAGE.parent))) not in MOVING_OUT
-            and word in p.read_text().lower()]
+    hits = [str(p.relative_to(PACKAGE.parent)) for _, p in modules() if word in p.read_text().lower()]
     assert not hits, f"{word!r} in shipped code: {hits}"

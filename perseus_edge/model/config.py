@@ -3,7 +3,7 @@
 One dataclass holds every shape. Field names are those of transformers' `DeepseekV3Config`, so
 a checkpoint's config.json maps 1:1 onto HF; `arch` selects the family member:
 
-    moe-mla-rope  MLA attention + shared/routed micro-experts (the target)
+    moe-mla-rope  MLA attention + shared/routed micro-experts (the family's main member)
     mla-dense     MLA attention + dense SwiGLU MLP
     mha           vanilla multi-head attention with full RoPE + dense SwiGLU MLP
     mha-moe       vanilla multi-head attention + shared/routed micro-experts

@@ -7,8 +7,8 @@ onnx + onnxruntime + numpy are installed.
 
 int8 (`quantize_int8`): one scale per output column, the settings of onnxruntime's
 `quantize_dynamic(per_channel=True)` (and optimum's `AutoQuantizationConfig`): symmetric int8 in
-[-127, 127] (reduce_range: [-64, 64]), or uint8 with zero point 128 for targets whose kernels
-want u8 x u8. `MatMulInteger` consumes `[K, N]` as is.
+[-127, 127] (reduce_range: [-64, 64]), or uint8 with zero point 128 for instruction sets whose
+kernels want u8 x u8. `MatMulInteger` consumes `[K, N]` as is.
 
 int4 (`quantize_blockwise`): blocks of `block_size` consecutive K values of one column share a
 float32 scale and a 4-bit zero point (asymmetric) or the implicit zero point 8 (symmetric); the
