@@ -24,7 +24,6 @@ from perseus_edge import modelfile as mf
 # Component order used by every table and plot.
 COMPONENTS = ("embeddings", "attention", "experts", "shared experts", "mlp", "router", "norms", "head",
               "rope tables", "other")
-MS_DOMAIN = "com.microsoft"
 SPARSE_MOE_OPS = ("MoE", "QMoE")  # onnxruntime kernels that run only the selected experts
 
 _DTYPE_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64,
@@ -122,7 +121,7 @@ def cache_layout(folder: str | Path, model=None) -> dict:
 
 
 def is_sparse_moe(model) -> bool:
-    return any(n.domain == MS_DOMAIN and n.op_type in SPARSE_MOE_OPS for n in model.graph.node)
+    return any(n.domain == mf.MS_DOMAIN and n.op_type in SPARSE_MOE_OPS for n in model.graph.node)
 
 
 def decode_cost(folder: str | Path, context: int, model=None) -> dict:
