@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from perseus_edge import modelfile as mf
 from perseus_edge.bench import graphinfo
 
 _INLINED = "_inlfunc_"
@@ -49,7 +50,7 @@ def _node_scopes(model_dir: Path) -> dict[str, str]:
         comps = [c for c in comps if c not in ("other", "rope tables", "norms")]
         if node.domain == "perseus":
             scope = f"perseus.{node.op_type}"
-        elif node.domain == graphinfo.MS_DOMAIN and node.op_type in graphinfo.SPARSE_MOE_OPS:
+        elif node.domain == mf.MS_DOMAIN and node.op_type in graphinfo.SPARSE_MOE_OPS:
             scope = f"experts ({node.domain}.{node.op_type})"
         elif comps:
             scope = comps[0] + " matmuls" if node.op_type in ("MatMul", "Gemm", "MatMulNBits",
