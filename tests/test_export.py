@@ -25,7 +25,7 @@ onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 
 from perseus_edge.build import export_checkpoint  # noqa: E402
-from perseus_edge.export.session import CachedSession  # noqa: E402
+from graph_session import CachedSession  # noqa: E402  (tests/graph_session.py)
 
 PROMPT, STEPS, TOL = 32, 64, 1e-4
 MOE_ARCHS = [a for a in ARCHS if "moe" in a]

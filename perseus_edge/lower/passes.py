@@ -4,7 +4,7 @@
 functions, runnable by any ONNX runtime. `ort-cpu` applies the rewrites below; each edits the
 ModelProto in place and returns how many ops it replaced. A rewrite stays in this list only while
 it measures faster than the portable graph on onnxruntime's CPU provider
-(`python -m perseus_edge.lower.measure`, numbers in export/README.md); the candidates that did
+(`python studies/export/measure.py`, numbers in export/README.md); the candidates that did
 not pay off are described there, not kept here.
 """
 

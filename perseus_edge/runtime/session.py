@@ -45,7 +45,7 @@ def session_options(threads: int | None = None, low_memory: bool = False, config
       - no memory pattern planning: no pre-sized block per input shape
       - initializers allocated with the device allocator directly (not through the arena)
       - no weight prepacking: MatMul keeps one copy of each weight instead of a packed second one
-    config: extra ORT session config entries (e.g. {"session.intra_op.allow_spinning": "1"}),
+    config: extra ORT session config entries (e.g. {"session.intra_op.allow_spinning": "0"}),
     applied last so they override the defaults here; profile: a file prefix that turns on ORT's
     profiler (the trace is written by `session.end_profiling()`). These are the one seam through
     which tools (bench, profile, footprint) shape a session.
@@ -61,9 +61,11 @@ def session_options(threads: int | None = None, low_memory: bool = False, config
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle worker threads sleep instead of spin-waiting: on a 2-core device spinning competes with
-    # the thread that has work (studies/results/cpu/README.md, "Threading": up to 1.6x slower decode).
-    entries = {"session.intra_op.allow_spinning": "0"}
+    # Idle worker threads spin-wait between ops (ORT's and llama.cpp's default): a decode step is
+    # ~370 tiny ops, and waking sleeping workers for each one made 2-thread decode slower than
+    # 1 thread (54M int8: 1.6x faster with spinning, studies/llama_cpp/README.md). On a device
+    # whose cores are busy with other work, PERSEUS_SPIN=0 makes idle workers sleep instead.
+    entries = {"session.intra_op.allow_spinning": "0" if os.environ.get("PERSEUS_SPIN") == "0" else "1"}
     if low_memory:
         so.enable_cpu_mem_arena = False
         so.enable_mem_pattern = False

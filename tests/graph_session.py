@@ -1,4 +1,5 @@
-"""A minimal onnxruntime decoder over an exported graph, for parity tests and measurements.
+"""A minimal onnxruntime decoder over an exported graph: the export tests' check of the graph
+contract, independent of the runtime it is also a reference for.
 
 The cache is bound the way the runtime binds it: each `past.{i}.{slot}` input and its
 `present.{i}.{slot}` output share one preallocated OrtValue, so TensorScatter writes the new rows
