@@ -97,3 +97,26 @@ def test_errors_are_perseus_errors(lm, tmp_path):
         lm.generate("hi", 4, temperature=-1)
     with pytest.raises(PerseusError):
         perseus_edge.load(tmp_path / "missing")
+
+
+def test_prompt_longer_than_a_prefill_chunk(folder, make_checkpoint):
+    """low_memory prefills 64 tokens per run: a 150-token prompt takes three chunks, and its logits
+    and greedy tokens equal one PyTorch pass over the whole sequence."""
+    import torch
+
+    from perseus_edge.checkpoint import load_checkpoint
+    from perseus_edge.runtime.generate import PREFILL_CHUNK_LOW_MEMORY
+
+    small = perseus_edge.load(folder, threads=1, low_memory=True)
+    ids = [int(i) for i in np.arange(150) * 37 % small.tokenizer.get_vocab_size()]
+    assert len(ids) > 2 * PREFILL_CHUNK_LOW_MEMORY
+    model, _ = load_checkpoint(make_checkpoint("moe-mla-rope"))
+    model.eval()
+    small.generate(ids, 12, temperature=0.0, ignore_eos=True)  # first: the cache holds nothing yet
+    tokens = small.last_result.tokens
+    assert small.last_result.prompt_tokens == ids and len(tokens) == 12
+    with torch.no_grad():
+        full, _ = model(torch.tensor([ids + tokens]))
+    assert tokens == full[0, len(ids) - 1:-1].argmax(-1).tolist()
+    got = small.logits(ids)
+    assert np.abs(got - full[0, :len(ids)].numpy()).max() < 1e-4
