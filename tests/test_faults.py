@@ -235,6 +235,17 @@ BAD_FLAGS = [
     ("train-tokenizer -o {tmp}/t.json --vocab-size 100000", "--vocab-size 100000 is too large", 1),
     ("train-tokenizer -o {tmp}", "is a folder", 1),
     ("train-tokenizer -o {tmp}/t.json --data-dir {tmp}/nowhere", "data folder not found", 1),
+    ("bench -m {model} -n x", "-n takes a comma-separated list of integers", 1),
+    ("bench -m {model} -n -1", "-n takes integers >= 0", 1),
+    ("bench -m {model} -d 8,y", "-d takes a comma-separated list of integers", 1),
+    ("bench -m {model} -t 1 -r 1 -p 8 -n 0 -m {tmp}/p.txt", "is neither a model folder nor a .gguf file", 1),
+    ("demo -t 0", "--threads must be at least 1", 1),
+    ("demo --top-p 1.5", "top_p", 1),
+    ("demo --top-k -1", "top_k", 1),
+    ("demo -p ''", "empty", 1),
+    ("train-tokenizer -o {tmp}/t.json --vocab-size 0", "vocab_size 0 is too small", 1),
+    ("train-tokenizer -o {tmp}/t.json --vocab-size x", "Invalid value for '--vocab-size'", 2),
+    ("train-tokenizer -o {tmp}/t.json --data-dir {tmp}", "missing data file: ", 1),
     ("no-such-command", "No such command 'no-such-command'", 2),
 ]
 
@@ -764,3 +775,20 @@ def test_real_sigint_in_interactive_mode(onnx_model):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+# ----------------------------------------------------------------------------- unreadable models
+@pytest.mark.parametrize("command", ["bench", "demo"])
+def test_unreadable_model_is_one_error_line(capsys, model_copy, ckpt_copy, command):
+    if command == "bench":  # a truncated graph
+        onnx_file = model_copy / "model.onnx"
+        onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+        r = cli(capsys, "bench", "-m", model_copy, "-p", "8", "-n", "0", "-r", "1", "-t", "1")
+        fragment = "onnxruntime cannot load"
+    else:  # a checkpoint whose config is not JSON: demo's build checks it against the manifest
+        (ckpt_copy / "config.json").write_text("{not json")
+        r = cli(capsys, "demo", "--checkpoint", ckpt_copy, "-n", "4")
+        assert r.err.startswith("first run: building ")  # the one progress line, then the error
+        r.err = r.err.split("\n", 1)[1]
+        fragment = "config.json is 9 bytes, manifest says"
+    one_error(r, fragment)

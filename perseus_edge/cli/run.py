@@ -196,6 +196,10 @@ def demo(
 
     if n < 1:
         raise PerseusError(f"-n must be at least 1, got {n}")
+    if threads is not None and threads < 1:  # before the first-run build, not minutes after it
+        raise PerseusError(f"--threads must be at least 1, got {threads}")
+    if not prompt:
+        raise PerseusError("empty prompt: give at least one character of text")
     Sampler(temperature=0.0 if temperature is None else temperature, top_k=top_k or 0,
             top_p=1.0 if top_p is None else top_p, seed=seed)
     model_dir = prepare(checkpoint, quantize=quantize, log=_err)
