@@ -1,4 +1,5 @@
-"""perseus bench / perseus profile on a tiny exported model: well-formed outputs, no numbers asserted."""
+"""perseus bench / perseus profile on a tiny exported model: well-formed outputs; profile sizes and sums
+checked against onnx and the config (timings themselves are not asserted)."""
 
 from __future__ import annotations
 
@@ -128,33 +129,92 @@ def test_bench_refuses_what_is_not_a_model(folders, tmp_path):
             resolve_model(str(tmp_path / "x.gguf"))
 
 
+def onnx_weight_bytes(folder) -> dict[str, int]:
+    """Initializer name -> bytes, read with onnx itself (independent of graphinfo)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(folder / "model.onnx"))
+    return {t.name: numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
+
+
 def test_profile_cli(folders, tmp_path):
     res = CliRunner().invoke(bench_app(), ["profile", str(folders["portable"]), str(folders["ort-cpu"]),
                                            "--out", str(tmp_path), "--steps", "4", "--prefill", "16"])
     assert res.exit_code == 0, res.output
     assert "perseus.LatentAttention (body)" in res.output and "weights total" in res.output
     prof = json.loads((tmp_path / "profile.json").read_text())
-    assert len(prof["footprint"]) == 2 and len(prof["op_profile"]) == 2
+    assert [p["label"] for p in prof["op_profile"]] == ["portable", "ort-cpu"]
+    for fp, target in zip(prof["footprint"], ("portable", "ort-cpu")):
+        assert fp["weights_total"] == sum(onnx_weight_bytes(folders[target]).values())
+    for op in prof["op_profile"]:
+        assert op["steps"] == op["decode_runs"] == 4  # the prefill run is not counted
+        kernels = sum(r["total_us"] for r in op["by_op"])
+        assert sum(r["total_us"] for r in op["by_scope"]) == pytest.approx(kernels)
+        assert op["kernels_us_per_step"] == pytest.approx(kernels / 4)
+        assert op["framework_share"] == pytest.approx(max(0.0, 1 - kernels / 4 / op["step_us_median"]))
+        for r in op["by_op"]:  # every decode step runs each kernel once
+            assert r["per_step_us"] == pytest.approx(r["total_us"] / 4)
+            assert r["share"] == pytest.approx(r["per_step_us"] / op["step_us_median"])
+            assert r["nodes_per_step"] == int(r["nodes_per_step"]) >= 1
+        assert {"MatMul", "Softmax"} <= {r["name"] for r in op["by_op"]}
     assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]  # the ORT trace was not kept
     bad = CliRunner().invoke(bench_app(), ["profile", str(tmp_path)])
     assert bad.exit_code != 0
 
 
-def test_footprint_components_sum_to_total(folders):
+def test_op_profile_summary_of_a_known_trace():
+    """A hand-made trace: the prefill run, kernels between runs and non-kernel events are dropped."""
+    from perseus_edge.bench.opprofile import summarise
+
+    def run(ts, dur):
+        return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur}
+
+    def kernel(name, op, ts, dur):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [run(0, 100), kernel("prefill", "MatMul", 10, 40),
+              run(200, 50), kernel("o_proj_mm", "MatMul", 210, 10), kernel("_inlfunc_LatentAttention_3", "Add", 225, 5),
+              {"cat": "Node", "name": "o_proj_mm_fence_before", "ts": 211, "dur": 99},
+              kernel("between", "MatMul", 260, 7),
+              run(300, 70), kernel("n1", "MatMul", 310, 20)]
+    got = summarise(events, {"o_proj_mm": "attention matmuls"})
+    assert (got["decode_runs"], got["step_us_median"], got["kernels_us_per_step"]) == (2, 60, 17.5)
+    assert got["framework_share"] == pytest.approx(1 - 17.5 / 60)
+    assert got["by_op"] == [
+        {"name": "MatMul", "total_us": 30, "per_step_us": 15, "share": 0.25, "nodes_per_step": 1.0},
+        {"name": "Add", "total_us": 5, "per_step_us": 2.5, "share": 2.5 / 60, "nodes_per_step": 0.5}]
+    assert [(r["name"], r["total_us"]) for r in got["by_scope"]] == [
+        ("other (norms, adds, glue)", 20), ("attention matmuls", 10), ("perseus.LatentAttention (body)", 5)]
+
+
+def test_footprint_components_match_the_config(folders):
+    """Bytes per component against onnx's own initializer sizes and the config's parameter counts."""
     from perseus_edge.bench.footprint import footprint
 
-    folder = folders["ort-cpu"]
-    fp = footprint(folder, measure=False)
-    total = sum(t.nbytes for t in graphinfo.initializers(folder))
-    assert set(fp["weights"]) == set(graphinfo.COMPONENTS)
-    assert sum(fp["weights"].values()) == fp["weights_total"] == total
-    assert fp["weights"]["experts"] > 0 and fp["weights"]["attention"] > 0 and fp["weights"]["other"] == 0
-    cfg = graphinfo.read_config(folder)  # MLA cache: (kv_lora_rank + rope) per layer vs MHA's 2 x hidden
+    cfg = graphinfo.read_config(folders["ort-cpu"])
+    H, V, L, E, F = (cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.n_routed_experts,
+                     cfg.moe_intermediate_size)
+    for target in ("portable", "ort-cpu"):
+        folder = folders[target]
+        fp = footprint(folder, measure=False)
+        sizes = onnx_weight_bytes(folder)
+        assert set(fp["weights"]) == set(graphinfo.COMPONENTS)
+        assert sum(fp["weights"].values()) == fp["weights_total"] == sum(sizes.values())
+        w = fp["weights"]  # fp32: 4 bytes per parameter; gate, up and down of each expert
+        assert (w["embeddings"], w["head"]) == (4 * V * H, 4 * V * H)
+        assert w["experts"] == 4 * L * E * 3 * H * F
+        assert w["shared experts"] == 4 * L * cfg.n_shared_experts * 3 * H * F
+        assert w["router"] == 4 * L * (H * E + E)
+        assert w["rope tables"] == sizes["rope.cos"] + sizes["rope.sin"] > 0
+        assert w["norms"] == 4 * (L * (2 * H + cfg.kv_lora_rank) + H)
+        assert w["other"] == w["mlp"] == 0
+    cfg = graphinfo.read_config(folders["ort-cpu"])  # MLA cache: (kv_lora_rank + rope) per layer vs MHA's 2 x hidden
     assert fp["cache"]["bytes_per_token"] == cfg.kv_bytes_per_token()
     assert fp["mha_kv_bytes_per_token"] == cfg.replace(arch="mha").kv_bytes_per_token()
     # the portable MoE graph reads every expert per token, the lowered one only top-k of them
     portable = graphinfo.decode_cost(folders["portable"], 8)
-    lowered = graphinfo.decode_cost(folder, 8)
+    lowered = graphinfo.decode_cost(folders["ort-cpu"], 8)
     assert lowered["weight_bytes"] < portable["weight_bytes"] and lowered["sparse_moe"]
 
 

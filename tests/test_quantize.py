@@ -473,3 +473,34 @@ def test_cli_quantize_and_torch_free(exported, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "quantized" in proc.stdout and "int4-kv8" in proc.stdout and "arm64" in proc.stdout
     assert verify_folder(out)[mf.QUANT_META]["isa"] == "arm64"
+
+
+@pytest.mark.parametrize("target", ["portable", "ort-cpu"])
+def test_ort_format_of_an_int8_model_same_greedy_tokens(quantized, tmp_path, capsys, monkeypatch, target):
+    """`perseus to-ort` on an int8 folder, then `perseus run --format ort`: the ONNX folder's tokens."""
+    import onnxruntime as ort
+
+    from perseus_edge.cli import main
+
+    folder = shutil.copytree(quantized("int8", target=target), tmp_path / "q")
+    loaded = []  # the graph file each session was created from
+    session = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, *a, **k: loaded.append(Path(path).name) or
+                        session(path, *a, **k))
+
+    def perseus(*args: str) -> str:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            assert not e.code, capsys.readouterr().err
+        return capsys.readouterr().out
+
+    run = ["run", folder, "-p", "Once upon a time", "-n", "24", "--temperature", "0", "--ignore-eos",
+           "--no-echo", "--no-timings", "-t", "1"]
+    onnx_text = perseus(*run, "--format", "onnx")
+    assert not (folder / "model.ort").exists()
+    assert "wrote" in perseus("to-ort", folder)
+    ort_text = perseus(*run, "--format", "ort")
+    assert loaded == ["model.onnx", "model.ort"] and len(onnx_text.strip()) > 10
+    assert ort_text == onnx_text
