@@ -50,6 +50,22 @@ class Sampler:
         self.seed = None if seed is None else int(seed)
         self.rng = np.random.default_rng(self.seed)
 
+    @classmethod
+    def with_defaults(cls, generation: dict, temperature=None, top_k=None, top_p=None,
+                      repetition_penalty=None, seed=None) -> "Sampler":
+        """A Sampler whose parameters left None come from a model's generation_config.json, then
+        greedy defaults (`do_sample: false` means greedy unless a temperature is given, as in HF)."""
+        g = dict(generation)
+        if g.get("do_sample") is False:
+            g["temperature"] = 0.0
+
+        def pick(value, key, default):
+            return value if value is not None else g.get(key, default)
+
+        return cls(temperature=pick(temperature, "temperature", 0.0), top_k=pick(top_k, "top_k", 0),
+                   top_p=pick(top_p, "top_p", 1.0),
+                   repetition_penalty=pick(repetition_penalty, "repetition_penalty", 1.0), seed=seed)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0

@@ -114,16 +114,8 @@ class Generator:
 
     def sampler(self, temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed=None) -> Sampler:
         """A Sampler; parameters left None come from generation_config.json, then greedy defaults."""
-        g = dict(self.model.folder.generation)
-        if g.get("do_sample") is False:  # HF meaning: greedy unless a temperature is given
-            g["temperature"] = 0.0
-
-        def pick(value, key, default):
-            return value if value is not None else g.get(key, default)
-
-        return Sampler(temperature=pick(temperature, "temperature", 0.0), top_k=pick(top_k, "top_k", 0),
-                       top_p=pick(top_p, "top_p", 1.0),
-                       repetition_penalty=pick(repetition_penalty, "repetition_penalty", 1.0), seed=seed)
+        return Sampler.with_defaults(self.model.folder.generation, temperature, top_k, top_p,
+                                     repetition_penalty, seed)
 
     # ------------------------------------------------------------------ generation
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, *,

@@ -186,17 +186,9 @@ class App:
                              f"{self.max_tokens}.", param="max_tokens")
         wanted = asked if asked is not None else min(self.limits.default_max_tokens, self.max_tokens)
         budget = min(wanted, ctx - len(ids))  # the rest of the context: finish_reason "length"
-        g = self.engine.folder.generation
-        greedy = g.get("do_sample") is False
-
-        def pick(value, key, default):
-            return value if value is not None else (0.0 if key == "temperature" and greedy else g.get(key, default))
-
         try:
-            sampler = Sampler(temperature=pick(req.temperature, "temperature", 0.0),
-                              top_k=pick(req.top_k, "top_k", 0), top_p=pick(req.top_p, "top_p", 1.0),
-                              repetition_penalty=pick(req.repetition_penalty, "repetition_penalty", 1.0),
-                              seed=req.seed)
+            sampler = Sampler.with_defaults(self.engine.folder.generation, req.temperature, req.top_k,
+                                            req.top_p, req.repetition_penalty, req.seed)
         except PerseusError as e:
             raise p.APIError(400, str(e)) from None
         job = Job(ids, budget, sampler, on_event=lambda ev: None, stops=stops, ignore_eos=req.ignore_eos)
