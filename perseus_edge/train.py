@@ -270,6 +270,9 @@ def train(cfg: TrainConfig) -> dict:
     record: dict = {}
     t_last, tokens_since = time.perf_counter(), 0
     val_loss = float("nan")
+    best = _best_so_far(out / "best") if cfg.resume and cfg.patience else None
+    evals_without_best = 0
+    early_stop = False
     stop = _StopAfterStep() if master and world == 1 else None
     done_steps = cfg.steps
     for step in range(start_step, cfg.steps):
@@ -301,6 +304,14 @@ def train(cfg: TrainConfig) -> dict:
             # the global batch size: every process count scores the same windows of valid
             val_loss = evaluate(model, valid_tokens, cfg.seq_len, cfg.batch_size * world, cfg.eval_batches,
                                 device, autocast)
+            if cfg.patience:  # every rank scored the same windows, so every rank decides alike
+                if best is None or val_loss < best["val_loss"]:
+                    best, evals_without_best = {"step": step + 1, "val_loss": val_loss}, 0
+                    if master:
+                        save_checkpoint(out / "best", model, tok_path, meta={"params": n_params, **best})
+                else:
+                    evals_without_best += 1
+                    early_stop = evals_without_best >= cfg.patience
         if master and log_now:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -316,6 +327,8 @@ def train(cfg: TrainConfig) -> dict:
                 record["expert_load_max_over_mean"] = [round(b, 3) for b in balance]
             if evaluating:
                 record["val_loss"] = round(val_loss, 5)
+            if early_stop:
+                record["early_stop"] = f"no better valid loss in {cfg.patience} evaluations (best {best})"
             log.write(json.dumps(record) + "\n")
             log.flush()
             t_last, tokens_since = now, 0
@@ -324,6 +337,9 @@ def train(cfg: TrainConfig) -> dict:
             bar.update(1)
             if log_now:  # .item() waits for the GPU: only on log steps
                 bar.set_postfix(loss=f"{mean_loss.item():.3f}", val=f"{val_loss:.3f}")
+        if early_stop:
+            done_steps = step + 1
+            break
     if bar is not None:
         bar.close()
     if stop is not None:
@@ -332,14 +348,30 @@ def train(cfg: TrainConfig) -> dict:
     if master:
         save_training_checkpoint(ckpt_dir, model, tok_path, optimizers, cfg, n_params, done_steps)
         log.close()
-        if done_steps < cfg.steps:
+        if early_stop:
+            print(f"early stop at step {done_steps}: the valid loss last improved at step {best['step']} "
+                  f"({best['val_loss']:.4f}, saved in {out / 'best'})", file=sys.stderr)
+        elif done_steps < cfg.steps:
             print(f"interrupted: checkpoint of step {done_steps} saved in {ckpt_dir}; "
                   f"continue with --resume", file=sys.stderr)
             raise KeyboardInterrupt
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return {"final_loss": record.get("loss"), "val_loss": val_loss, "params": n_params, "out": str(out)}
+    return {"final_loss": record.get("loss"), "val_loss": val_loss, "params": n_params, "out": str(out),
+            "best": best, "steps": done_steps}
+
+
+def _best_so_far(folder: Path) -> dict | None:
+    """The best evaluation an earlier part of a resumed run saved in OUT/best (None: none yet)."""
+    from perseus_edge.manifest import read_manifest
+
+    if not (folder / "manifest.json").is_file():
+        return None
+    meta = read_manifest(folder)
+    if not (isinstance(meta.get("step"), int) and isinstance(meta.get("val_loss"), (int, float))):
+        raise PerseusError(f"{folder}/manifest.json does not record the step and valid loss of the best weights")
+    return {"step": meta["step"], "val_loss": float(meta["val_loss"])}
 
 
 class _StopAfterStep:

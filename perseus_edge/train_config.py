@@ -28,6 +28,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_batches: int = 20
+    patience: int = 0                # stop after this many evaluations without a new best valid loss (0: never)
     seed: int = 0
     compile: bool = False
     router_bias_rate: float | None = None  # override the preset's router_bias_update_rate (MoE balancing speed)
@@ -54,7 +55,7 @@ class TrainConfig:
             positive(name, getattr(self, name))
         for name in ("lr", "adam_lr", "grad_clip"):
             positive(name, getattr(self, name), integer=False)
-        for name in ("weight_decay", "warmup", "seed") + (("router_bias_rate",) if self.router_bias_rate is not None else ()):
+        for name in ("weight_decay", "warmup", "seed", "patience") + (("router_bias_rate",) if self.router_bias_rate is not None else ()):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise PerseusError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")

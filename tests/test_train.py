@@ -98,6 +98,30 @@ def test_resume_equals_one_uninterrupted_run(tmp_path, tiny_tokenizer):
         assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-6), k
 
 
+def test_patience_stops_early_and_best_holds_the_best_weights(tmp_path, tiny_tokenizer):
+    """lr 3.0 makes the valid loss climb after the first steps: with --patience 2 the run stops two
+    evaluations after its best one, and OUT/best holds exactly the weights that scored it."""
+    from perseus_edge.train import evaluate
+    from perseus_edge.data import resolve_data_dir, token_cache_dir, tokenize_split
+    from perseus_edge.tokenizer import load_tokenizer
+
+    cfg = run_config(tmp_path, tiny_tokenizer, steps=40, warmup=1, lr=3.0, adam_lr=3.0, eval_every=2,
+                     eval_batches=2, max_chars=50_000, log_every=2, patience=2, batch_size=4, seq_len=32)
+    result = train(cfg)
+    log = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
+    vals = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+    best_step, best_val = min(vals, key=lambda sv: sv[1])
+    assert result["steps"] == log[-1]["step"] < cfg.steps and "early_stop" in log[-1]
+    assert [s for s, _ in vals][-3] == best_step  # stopped after exactly 2 evaluations without a new best
+    assert result["best"]["step"] == best_step
+    model, _ = load_checkpoint(Path(cfg.out) / "best")
+    manifest = json.loads((Path(cfg.out) / "best" / "manifest.json").read_text())
+    assert manifest["step"] == best_step
+    valid = tokenize_split(load_tokenizer(tiny_tokenizer), resolve_data_dir(None), "valid", token_cache_dir())
+    again = evaluate(model, valid, cfg.seq_len, cfg.batch_size, cfg.eval_batches, torch.device("cpu"))
+    assert again == pytest.approx(best_val, abs=1e-4)
+
+
 def test_checkpoint_round_trip_is_bit_exact(tmp_path, tiny_tokenizer):
     torch.manual_seed(0)
     model = PerseusLM(preset("tiny"))

@@ -80,6 +80,8 @@ def train(
     warmup: int = typer.Option(TrainConfig.warmup),
     eval_every: int = typer.Option(TrainConfig.eval_every),
     eval_batches: int = typer.Option(TrainConfig.eval_batches),
+    patience: int = typer.Option(TrainConfig.patience, help="Stop after this many evaluations without a new best "
+                                 "valid loss; OUT/best holds the best weights (0: train every step, no best/)."),
     seed: int = typer.Option(TrainConfig.seed),
     compile: bool = typer.Option(TrainConfig.compile, help="torch.compile the decoder layers."),
     router_bias_rate: Optional[float] = typer.Option(
@@ -96,13 +98,16 @@ def train(
 
     cfg = TrainConfig(preset=preset, arch=arch, optimizer=optimizer, lr=lr, adam_lr=adam_lr,
                       weight_decay=weight_decay, batch_size=batch_size, seq_len=seq_len, steps=steps,
-                      warmup=min(warmup, steps) if steps > 0 else warmup, eval_every=eval_every, eval_batches=eval_batches, seed=seed,
+                      warmup=min(warmup, steps) if steps > 0 else warmup, eval_every=eval_every, eval_batches=eval_batches, patience=patience, seed=seed,
                       compile=compile, router_bias_rate=router_bias_rate, max_chars=max_chars,
                       data_dir=data_dir, tokenizer=tokenizer, out=out, resume=resume, force=force)
     result = run(cfg)
     if result.get("final_loss") is not None:
         console.print(f"done: train loss {result['final_loss']:.4f}, valid loss {result['val_loss']:.4f}, "
                       f"checkpoint {out}/checkpoint")
+        if result.get("best") is not None:
+            best = result["best"]
+            console.print(f"best valid loss {best['val_loss']:.4f} at step {best['step']}: {out}/best")
 
 
 def evaluate(

@@ -37,13 +37,53 @@ MUON_ADAM_LR = 3e-3  # Muon runs: AdamW lr of embeddings, head, norms, router (t
 
 
 def command(out: Path, preset: str, arch: str, optimizer: str, lr: float, steps: int,
-            eval_every: int | None = None) -> list[str]:
+            eval_every: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     adam_lr = MUON_ADAM_LR if optimizer == "muon" else lr
     eval_every = eval_every or max(LOG_EVERY, steps // 10 // LOG_EVERY * LOG_EVERY)
     return ["perseus", "train", "--preset", preset, "--arch", arch, "--optimizer", optimizer,
             "--lr", f"{lr:g}", "--adam-lr", f"{adam_lr:g}", "--batch-size", str(BATCH), "--seq-len", str(SEQ),
             "--steps", str(steps), "--warmup", str(max(10, steps // 20)), "--eval-every", str(eval_every),
-            "--eval-batches", "16", "-o", str(out)]
+            "--eval-batches", "16", *extra, "-o", str(out)]
+
+
+def start(runs: list[tuple[str, list[str]]], root: Path) -> None:
+    """Start every run in its own session (it outlives the device call that started it), pids in
+    root/pids.json; `watch` follows them in later calls of the same warm machine."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    pids = {}
+    with open(root / "runs.jsonl", "a") as book:
+        for name, cmd in runs:
+            (root / name).mkdir(parents=True, exist_ok=True)
+            log = open(root / name / "stdout.txt", "w")
+            exe = [sys.executable, "-m", "perseus_edge.cli", *cmd[1:]]
+            pids[name] = subprocess.Popen(exe, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True).pid
+            book.write(json.dumps({"name": name, "command": shlex.join(cmd), "concurrent": len(runs)}) + "\n")
+    (root / "pids.json").write_text(json.dumps(pids))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not reaped) counts as finished
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def watch(root: Path, limit_s: float, every_s: float = 30) -> bool:
+    """Print each run's latest log line every `every_s` until all finished or `limit_s` passed."""
+    pids = json.loads((root / "pids.json").read_text())
+    end = time.time() + limit_s
+    while True:
+        running = [n for n, pid in pids.items() if alive(pid)]
+        for name in pids:
+            last = (records(root / name, "step") or [{}])[-1]
+            print(f"{name}: {'running' if name in running else 'finished'} step {last.get('step')} "
+                  f"loss {last.get('loss')} val {last.get('val_loss')} tok/s {last.get('tokens_per_s')}", flush=True)
+        if not running or time.time() > end:
+            return not running
+        time.sleep(min(every_s, max(1.0, end - time.time())))
 
 
 def launch(runs: list[tuple[str, list[str]]], root: Path, deadline_s: float) -> dict[str, object]:
@@ -172,12 +212,53 @@ def wave(root: Path, preset: str, muon_lrs: list[float], adamw_lrs: list[float],
            1.4 * budget_s)
 
 
+def campaign(root: Path, specs: list[str], extra: tuple[str, ...], moe_extra: tuple[str, ...]) -> None:
+    """Start one run per spec `preset:arch:optimizer:lr:steps` at once (see `start`)."""
+    runs = []
+    for spec in specs:
+        preset, arch_name, optimizer, lr, steps = spec.split(":")
+        name = f"{preset}-{arch_name}-{optimizer}-lr{float(lr):g}"
+        more = extra + (moe_extra if "moe" in arch_name else ())
+        runs.append((name, command(root / name, preset, arch_name, optimizer, float(lr), int(steps), extra=more)))
+    start(runs, root)
+    print(f"started {len(runs)} runs: {', '.join(n for n, _ in runs)}", flush=True)
+
+
+def score(root: Path, seq_len: int = 256) -> None:
+    """Test loss of every run's kept weights (OUT/best if the run kept one, else its checkpoint),
+    fp32 (on the GPU there) over the windows `perseus eval --split test` scores -> root/test_ppl.jsonl."""
+    import torch
+
+    from perseus_edge.checkpoint import load_checkpoint
+    from perseus_edge.data import resolve_data_dir, token_cache_dir, tokenize_split
+    from perseus_edge.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+    from perseus_edge.train import evaluate
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokens = tokenize_split(load_tokenizer(DEFAULT_TOKENIZER), resolve_data_dir(), "test", token_cache_dir(),
+                            progress=False)
+    with open(root / "test_ppl.jsonl", "w") as out:
+        for run in sorted(p.parent for p in root.glob("*/log.jsonl")):
+            folder = run / "best" if (run / "best" / "manifest.json").is_file() else run / "checkpoint"
+            if not (folder / "manifest.json").is_file():
+                continue
+            model, _ = load_checkpoint(folder)
+            loss = evaluate(model.to(device), tokens, seq_len, 8, None, device)
+            row = {"run": run.name, "weights": folder.name, "split": "test", "seq_len": seq_len,
+                   "tokens": (len(tokens) - 1) // seq_len * seq_len, "loss": loss, "ppl": math.exp(loss),
+                   "step": json.loads((folder / "manifest.json").read_text()).get("step")}
+            out.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+
+
 def best_run(root: Path, preset: str, arch_name: str = "moe-mla-rope") -> Path:
     best, best_loss = None, math.inf
     for d in sorted(root.glob(f"{preset}-{arch_name}-*")):
         rows = records(d, "val_loss")
-        if rows and (d / "checkpoint" / "manifest.json").is_file() and rows[-1]["val_loss"] < best_loss:
-            best, best_loss = d, rows[-1]["val_loss"]
+        kept = min((r["val_loss"] for r in rows), default=math.inf) if (d / "best").is_dir() else \
+            (rows[-1]["val_loss"] if rows else math.inf)
+        if (d / "checkpoint" / "manifest.json").is_file() and kept < best_loss:
+            best, best_loss = d, kept
     if best is None:
         raise SystemExit(f"no finished {preset} {arch_name} run under {root}")
     print(f"best {preset} {arch_name}: {best.name} val_loss={best_loss}", flush=True)
@@ -190,7 +271,7 @@ def package(run: Path, pieces_out: Path, first: int, count: int) -> None:
 
     stage = Path("/tmp/package") / run.name
     if not stage.exists():
-        model, tok = load_checkpoint(run / "checkpoint")
+        model, tok = load_checkpoint(run / "best" if (run / "best" / "manifest.json").is_file() else run / "checkpoint")
         save_checkpoint(stage / "model", model, tok, dtype="bf16", max_shard_bytes=15 * 2**20,
                         meta={"source_run": run.name})
         subprocess.run(["tar", "-cf", str(stage / "model.tar"), "-C", str(stage), "model"], check=True)
@@ -210,7 +291,12 @@ def floats(text: str) -> list[float]:
 def main() -> None:
     global BATCH, SEQ, TOKENS_PER_STEP
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["prepare", "check", "probe", "wave", "best", "package"])
+    ap.add_argument("stage", choices=["prepare", "check", "probe", "wave", "campaign", "watch", "score", "best",
+                                      "package"])
+    ap.add_argument("--specs", default="", help="campaign: preset:arch:optimizer:lr:steps list")
+    ap.add_argument("--train-args", default="", help="campaign: more `perseus train` flags for every run")
+    ap.add_argument("--moe-args", default="", help="campaign: more `perseus train` flags for MoE runs")
+    ap.add_argument("--limit-s", type=float, default=500, help="watch: return after this many seconds")
     ap.add_argument("--out", type=Path, default=Path("runs/suite"))
     ap.add_argument("--preset", default="17m")
     ap.add_argument("--compile", action="store_true", help="probe: also with torch.compile (regional)")
@@ -239,6 +325,13 @@ def main() -> None:
     elif a.stage == "wave":
         wave(a.out, a.preset, floats(a.muon_lrs), floats(a.adamw_lrs), [s for s in a.archs.split(",") if s],
              a.arch_lr, a.budget_s)
+    elif a.stage == "campaign":
+        campaign(a.out, [s for s in a.specs.split(",") if s], tuple(shlex.split(a.train_args)),
+                 tuple(shlex.split(a.moe_args)))
+    elif a.stage == "watch":
+        watch(a.out, a.limit_s)
+    elif a.stage == "score":
+        score(a.out)
     elif a.stage == "best":
         print(best_run(a.out, a.preset))
     elif a.stage == "package":
