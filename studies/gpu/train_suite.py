@@ -50,7 +50,8 @@ def start(runs: list[tuple[str, list[str]]], root: Path) -> None:
     """Start every run in its own session (it outlives the device call that started it), pids in
     root/pids.json; `watch` follows them in later calls of the same warm machine."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    pids = {}
+    pid_file = root / "pids.json"
+    pids = json.loads(pid_file.read_text()) if pid_file.is_file() else {}  # several campaigns in one root
     with open(root / "runs.jsonl", "a") as book:
         for name, cmd in runs:
             (root / name).mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,7 @@ def start(runs: list[tuple[str, list[str]]], root: Path) -> None:
             pids[name] = subprocess.Popen(exe, stdout=log, stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True).pid
             book.write(json.dumps({"name": name, "command": shlex.join(cmd), "concurrent": len(runs)}) + "\n")
-    (root / "pids.json").write_text(json.dumps(pids))
+    pid_file.write_text(json.dumps(pids))
 
 
 def alive(pid: int) -> bool:
@@ -71,12 +72,16 @@ def alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
-def watch(root: Path, limit_s: float, every_s: float = 30) -> bool:
-    """Print each run's latest log line every `every_s` until all finished or `limit_s` passed."""
+def watch(root: Path, limit_s: float, every_s: float = 60) -> bool:
+    """Print each run's latest log line (and the GPU's memory and load) every `every_s` until all
+    finished or `limit_s` passed."""
     pids = json.loads((root / "pids.json").read_text())
     end = time.time() + limit_s
     while True:
         running = [n for n, pid in pids.items() if alive(pid)]
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,utilization.gpu", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+        print(f"-- {time.strftime('%H:%M:%S')} GPU {gpu}", flush=True)
         for name in pids:
             last = (records(root / name, "step") or [{}])[-1]
             print(f"{name}: {'running' if name in running else 'finished'} step {last.get('step')} "
