@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -80,7 +81,7 @@ def watch(root: Path, limit_s: float, every_s: float = 60) -> bool:
     while True:
         running = [n for n, pid in pids.items() if alive(pid)]
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,utilization.gpu", "--format=csv,noheader"],
-                             capture_output=True, text=True).stdout.strip()
+                             capture_output=True, text=True).stdout.strip() if shutil.which("nvidia-smi") else "-"
         print(f"-- {time.strftime('%H:%M:%S')} GPU {gpu}", flush=True)
         for name in pids:
             last = (records(root / name, "step") or [{}])[-1]
