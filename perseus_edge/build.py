@@ -45,10 +45,10 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, t
 
 def quantize_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, scheme: str,
                    force: bool = False, **options) -> Path:
-    """Quantize the portable export in `model_dir` into `out_dir`; returns `out_dir`.
+    """Quantize the fp32 export in `model_dir` into `out_dir`; returns `out_dir`.
 
     options: those of `perseus_edge.quantize.quantize`; `target` also picks the lowering that
-    follows (default portable).
+    follows (default portable). The export is the portable one, or one lowered for that target.
     """
     from perseus_edge.lower import lower
     from perseus_edge.modelfile.reader import load
@@ -57,7 +57,7 @@ def quantize_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sch
 
     src, out = Path(model_dir), Path(out_dir)
     Plan.make(scheme, **options)  # bad options fail before any work
-    manifest = _check_quantize_source(src)
+    manifest = _check_quantize_source(src, options.get("target", "portable"))
     _check_output(src, out, force)
     program = quantize(load(src), scheme, **options)
     program.records[mf.QUANT_META]["source"] = {"path": str(src.absolute()), "kind": manifest.get("kind"),
@@ -65,7 +65,7 @@ def quantize_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sch
     return save(lower(program, options.get("target", "portable")), out, force=force)
 
 
-def build(checkpoint: str | os.PathLike, scheme: str | None = "int8", target: str = "portable",
+def build(checkpoint: str | os.PathLike, scheme: str | None = "int8", target: str = "ort-cpu",
           root: str | os.PathLike | None = None, log=print) -> Path:
     """The model folder of `checkpoint` quantized with `scheme` (None: fp32) for `target`, built
     once into `root` (default `$XDG_CACHE_HOME/perseus-edge/builds`) and reused while the
@@ -142,7 +142,7 @@ def _may_replace(ckpt_dir: Path, out_dir: Path, source_sha: str, force: bool) ->
                        f"(use --force to replace it)")
 
 
-def _check_quantize_source(src: Path) -> dict:
+def _check_quantize_source(src: Path, wanted: str) -> dict:
     manifest = read_manifest(src)  # one-line errors for a missing folder / manifest
     kind = str(manifest.get("kind", ""))
     if kind == "checkpoint":
@@ -153,9 +153,9 @@ def _check_quantize_source(src: Path) -> dict:
         what = (manifest.get(mf.QUANT_META) or {}).get("scheme") or kind
         raise PerseusError(f"{src} is already quantized ({what}): quantize the fp32 export instead")
     target = (manifest.get(mf.LOWER_META) or {}).get("target", "portable")
-    if target != "portable":
-        raise PerseusError(f"{src} is lowered for {target}: quantize the portable export with --target "
-                           f"{target} (lowering comes after quantization)")
+    if target not in ("portable", wanted):
+        raise PerseusError(f"{src} is lowered for {target}: quantize it with --target {target}, or export "
+                           f"the checkpoint with --target {wanted} to quantize for {wanted}")
     manifest = verify_folder(src)  # sha256 of every file: missing, truncated or tampered files
     for name in (mf.MODEL_ONNX, mf.CONFIG, mf.TOKENIZER, mf.GENERATION_CONFIG):
         if name not in manifest.get("files", {}):

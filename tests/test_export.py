@@ -316,6 +316,23 @@ def test_cli_errors_are_one_line(make_checkpoint, tmp_path):
     assert proc.returncode == 1 and proc.stderr.startswith("error: model folder not found")
 
 
+def test_cli_export_defaults_to_ort_cpu_with_the_portable_graphs_tokens(make_checkpoint, exported, tmp_path):
+    """`perseus export CKPT -o X` with no flags writes the ort-cpu graph (what `perseus run` is
+    fastest on): the portable export's greedy tokens, logits within the parity tolerance."""
+    from perseus_edge.cli import main
+
+    out = tmp_path / "model"
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(make_checkpoint("moe-mla-rope")), "-o", str(out)])
+    assert not done.value.code
+    assert verify_folder(out)[mf.LOWER_META] == {"target": "ort-cpu", "passes": ["moe_to_ort", "skip_norm_to_ort"]}
+    prompt = np.random.default_rng(1).integers(2, 256, (1, PROMPT))
+    logits, tokens = CachedSession(out / mf.MODEL_ONNX).greedy(prompt, 32)
+    ref_logits, ref_tokens = CachedSession(exported("moe-mla-rope") / mf.MODEL_ONNX).greedy(prompt, 32)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(logits, ref_logits)) <= TOL
+
+
 def test_cli_export_and_inspect(make_checkpoint, tmp_path):
     from typer.testing import CliRunner
 

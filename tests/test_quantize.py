@@ -298,10 +298,40 @@ def test_stages_leave_their_input_and_check_the_order(exported):
     assert [n for n in lowered.graph.graph.node if n.op_type == "QMoE"]
     with pytest.raises(PerseusError, match="quantized for the portable target"):
         lower(portable_int8, "ort-cpu")
-    with pytest.raises(PerseusError, match="lowered for ort-cpu: quantize the portable export"):
+    with pytest.raises(PerseusError, match="lowered for ort-cpu: quantize it for ort-cpu"):
         quantize(lower(program, "ort-cpu"), "int8")
     with pytest.raises(PerseusError, match="already quantized"):
         quantize(portable_int8, "int4")
+
+
+@pytest.mark.parametrize("scheme,options", [("int8", {}), ("int4", {"kv_cache": "int8"}), ("fp16", {}),
+                                            ("int4", {"format": "qdq"})])
+def test_quantizing_the_default_ort_cpu_export_equals_quantizing_the_portable_one(
+        exported, quantized, tmp_path, scheme, options):
+    """`perseus export` writes the ort-cpu graph by default and `perseus quantize` takes it: the
+    result is the program that quantizing the portable export for ort-cpu gives, weight for weight
+    (the routers stay float, as inside perseus.MoE; the experts go to QMoE), node for node."""
+    got = quantize_model(exported("moe-mla-rope", "ort-cpu"), tmp_path / "q", scheme, target="ort-cpu", **options)
+    want = quantized(scheme, target="ort-cpu", **options)
+    g, w = graph(got), graph(want)
+
+    def weights(m):
+        return {t.name: (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes()) for t in m.graph.initializer}
+
+    assert weights(g) == weights(w)
+    assert sorted((n.domain, n.op_type) for n in g.graph.node) == sorted((n.domain, n.op_type) for n in w.graph.node)
+    mg, mw = verify_folder(got), verify_folder(want)
+    assert mg["kind"] == mw["kind"] and mg[mf.LOWER_META] == mw[mf.LOWER_META]
+    prompt, tokens, _ = reference(exported())
+    for a, b in zip(run_logits(got, prompt, tokens), run_logits(want, prompt, tokens)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_an_ort_cpu_export_is_not_quantized_for_portable(exported, tmp_path):
+    with pytest.raises(PerseusError, match="is lowered for ort-cpu: quantize it with --target ort-cpu, or export "
+                                           "the checkpoint with --target portable"):
+        quantize_model(exported("moe-mla-rope", "ort-cpu"), tmp_path / "q", "int8", target="portable")
+    assert not (tmp_path / "q").exists()
 
 
 def test_fp16_storage_for_the_ort_cpu_target(exported, quantized):

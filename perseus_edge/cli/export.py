@@ -19,9 +19,10 @@ def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder (config, safetensors, tokenizer, manifest), "
                                                "or a transformers DeepSeek-V2/V3 folder (save_pretrained)."),
     output: Path = typer.Option(..., "-o", "--output", help="Model folder to write (a .gguf file with --format gguf)."),
-    target: str = typer.Option("portable", "--target",
-                               help="portable (standard ONNX + perseus functions) or ort-cpu "
-                                    "(also onnxruntime CPU kernels where they measure faster)."),
+    target: str = typer.Option("ort-cpu", "--target",
+                               help="ort-cpu (onnxruntime CPU kernels where they measure faster: what "
+                                    "`perseus run` is fastest on; `perseus quantize` takes it too) or portable "
+                                    "(standard ONNX + perseus functions only, for any ONNX runtime)."),
     max_context: Optional[int] = typer.Option(None, "--max-context",
                                               help="Cache rows (default and maximum: max_position_embeddings)."),
     force: bool = typer.Option(False, "--force", help="Replace the output folder whatever it holds."),

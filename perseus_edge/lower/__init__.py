@@ -7,7 +7,9 @@
 ONNX runtime. `ort-cpu` rewrites perseus ops into onnxruntime CPU kernels where they measure
 faster (`passes.py`) and, for a program quantized for it, quantizes the experts in the QMoE
 kernel's layout (`qmoe.py`). Lowering comes after quantization (ExecuTorch's order): the
-quantizer works on the portable graph, the backend's kernels are picked here. The ORT mobile
+quantizer works on the portable graph, the backend's kernels are picked here. A program lowered
+before it was quantized (`perseus export` writes ort-cpu by default) is lowered again for the
+same target: the passes are not repeated, the kernel-owned weights are quantized. The ORT mobile
 format (`ort_format.py`) is the last, optional serialize step on a written folder.
 """
 
@@ -32,7 +34,7 @@ def lower(program: Program, target: str) -> Program:
     from perseus_edge.lower import passes
 
     check_target(target)
-    if program.target != "portable":
+    if program.target not in ("portable", target):
         raise PerseusError(f"the program is already lowered for {program.target}: lower the portable one")
     quant = program.records.get(mf.QUANT_META) or {}
     if quant and quant.get("target", "portable") != target:
@@ -40,8 +42,11 @@ def lower(program: Program, target: str) -> Program:
                            f"quantize it with target {target} to lower it for {target}")
     graph = onnx.ModelProto()
     graph.CopyFrom(program.graph)
-    graph, applied = passes.lower(graph, target)
-    record = {"target": target, "passes": applied}
+    if program.target == target != "portable":  # lowered before quantization: the passes ran then
+        record = {"target": target, "passes": list(program.records[mf.LOWER_META].get("passes", []))}
+    else:
+        graph, applied = passes.lower(graph, target)
+        record = {"target": target, "passes": applied}
     experts = quant.get("experts")
     if experts:
         record.update(_quantize_experts(graph, experts))

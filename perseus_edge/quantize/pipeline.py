@@ -1,4 +1,8 @@
-"""`quantize`: `Program` -> quantized `Program`, on the portable graph (the second compiler stage).
+"""`quantize`: `Program` -> quantized `Program` (the second compiler stage).
+
+It works on the portable graph, or on one already lowered for the target it quantizes for (what
+`perseus export` writes by default): the lowering passes only rewrite the perseus ops, whose
+weights the quantizer leaves to the target anyway, so both orders give the same program.
 
     rewrite  the scheme's passes (rewrite.py), in this order: embedding table, LM head,
              main-graph matmuls, the perseus ops' weights, the int8 cache
@@ -35,9 +39,9 @@ def quantize(program: Program, plan: Plan) -> Program:
     if program.quantized:
         what = program.records[mf.QUANT_META].get("scheme") or program.kind
         raise PerseusError(f"the program is already quantized ({what}): quantize the fp32 export instead")
-    if program.target != "portable":
-        raise PerseusError(f"the program is lowered for {program.target}: quantize the portable export "
-                           f"(with target {program.target}; lowering comes after quantization)")
+    if program.target not in ("portable", plan.target):
+        raise PerseusError(f"the program is lowered for {program.target}: quantize it for {program.target}, "
+                           f"or quantize the portable export for {plan.target}")
     started = time.perf_counter()
     graph = onnx.ModelProto()
     graph.CopyFrom(program.graph)
@@ -57,7 +61,7 @@ def apply(model, plan: Plan) -> dict:
 
     done: dict = {}
     # inputs of the ops whose weights the target's kernel quantizes itself: left in float here
-    kept = set(rw.op_inputs(model, mf.OP_MOE)) if plan.kernel_experts else set()
+    kept = rw.kernel_inputs(model) if plan.kernel_experts else set()
     if plan.scheme == "fp16":
         done["fp16_weights"] = len(rw.weights_to_fp16(model, skip=kept))
         if kept:
@@ -68,7 +72,7 @@ def apply(model, plan: Plan) -> dict:
             done["embedding_table"] = rw.quantize_embedding(model, 8 if plan.embeddings == "int8" else 4,
                                                             plan.block_size)
         head = lm_head_weight(model)
-        skip = {head} if head else set()
+        skip = kept | ({head} if head else set())
         if plan.format == "qdq":  # uint4 DequantizeLinear in front of untouched consumers
             names = rw.matmul_weights(model, skip)
             if not kept:

@@ -412,6 +412,32 @@ def op_inputs(model: onnx.ModelProto, op: str) -> list[str]:
             for name in call.input]
 
 
+def kernel_inputs(model: onnx.ModelProto) -> set[str]:
+    """The values the target's MoE kernel quantizes in its own layout, which the quantizer leaves in
+    float: every input of the perseus.MoE calls and, in a graph already lowered for ort-cpu
+    (`lower.passes.moe_to_ort`), every input of the com.microsoft.MoE nodes and every initializer
+    of the routing that feeds them (the router stays float, as it does inside perseus.MoE)."""
+    kept = set(op_inputs(model, mf.OP_MOE))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = initializers(model)
+    for node in model.graph.node:
+        if (node.domain, node.op_type) != (MS_DOMAIN, "MoE"):
+            continue
+        kept.update(node.input)
+        todo, seen = [node.input[1]], {node.input[0]}  # back from the router logits, up to x
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in inits:
+                kept.add(name)
+            elif name in producer:
+                todo.extend(producer[name].input)
+    kept.discard("")
+    return kept
+
+
 def op_weights(model: onnx.ModelProto, op: str, formals: list[str]) -> list[str]:
     """The initializers passed to `op`'s formal inputs `formals`, over all call sites."""
     f = function(model, op)
