@@ -418,8 +418,8 @@ def test_bad_input_api(exported, quantized, tmp_path):
         quantize_model(base, tmp_path / "b", "int8", isa="riscv")
     with pytest.raises(PerseusError, match="unknown target"):
         quantize_model(base, tmp_path / "b", "int8", target="riscv")
-    with pytest.raises(PerseusError, match="lowered for ort-cpu: quantize the portable export"):
-        quantize_model(exported("moe-mla-rope", "ort-cpu"), tmp_path / "b", "int8")
+    with pytest.raises(PerseusError, match="lowered for ort-cpu: quantize it with --target ort-cpu"):
+        quantize_model(exported("moe-mla-rope", "ort-cpu"), tmp_path / "b", "int8")  # target portable
     with pytest.raises(PerseusError, match="only makes sense with --kv-cache int8"):
         quantize_model(base, tmp_path / "b", "fp32")
     with pytest.raises(PerseusError, match="is the model folder itself"):
