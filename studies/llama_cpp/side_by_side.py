@@ -3,8 +3,8 @@
     python studies/llama_cpp/side_by_side.py [--work /tmp/perseus-vs-llama] [--out DIR] [-r 3]
 
 For each checkpoint (the shipped 17m, the trained 54M in models/):
-  perseus    `perseus export --target ort-cpu` (fp32); `perseus export` then
-             `perseus quantize --scheme int8 | int4` (quantized, then lowered for ort-cpu)
+  perseus    what a user gets by default: `perseus export` (fp32, lowered for ort-cpu), then
+             `perseus quantize --scheme int8 | int4` of that folder (for ort-cpu)
   llama.cpp  `perseus export --format gguf --outtype f32 | q8_0 | q4_0`
 then one `perseus bench` over all twelve files/folders (interleaved rounds, 1 and 2 threads,
 pp256, tg128, at depth 0 and --depth), raw records to OUT/bench.json, and the side-by-side
@@ -38,16 +38,14 @@ def prepare(work: Path) -> dict[tuple[str, str], Path]:
     """(model, variant) -> folder or .gguf file."""
     paths = {}
     for name, ckpt in CHECKPOINTS.items():
-        fp32, portable = work / f"{name}-fp32", work / f"{name}-portable"
+        fp32 = work / f"{name}-fp32"
         if not fp32.is_dir():
-            perseus("export", str(ckpt), "-o", str(fp32), "--target", "ort-cpu")
-        if not portable.is_dir():  # the quantizer's input: quantize first, then lower (its default)
-            perseus("export", str(ckpt), "-o", str(portable))
+            perseus("export", str(ckpt), "-o", str(fp32))
         paths[(name, "fp32")] = fp32
         for scheme in ("int8", "int4"):
             folder = work / f"{name}-{scheme}"
             if not folder.is_dir():
-                perseus("quantize", str(portable), "-o", str(folder), "--scheme", scheme)
+                perseus("quantize", str(fp32), "-o", str(folder), "--scheme", scheme)
             paths[(name, scheme)] = folder
         for outtype in ("f32", "q8_0", "q4_0"):
             file = work / f"{name}-{outtype}.gguf"
