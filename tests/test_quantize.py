@@ -249,10 +249,13 @@ def test_perseus_ops_survive_and_experts_are_quantized(quantized, scheme):
         assert sorted(a.name for a in node.attribute) == ["normalize", "scaling", "top_k"]
 
 
-def test_qdq_format_keeps_the_exported_functions_byte_identical(exported, quantized):
+def test_qdq_format_keeps_the_exported_functions_byte_identical(exported, quantized, tmp_path):
     """--format qdq: uint4 DequantizeLinear in front of untouched consumers; the perseus function
     bodies are the export's, byte for byte, and the numbers are those of the QOperator route
-    (onnxruntime fuses DequantizeLinear -> MatMul into the same MatMulNBits kernel)."""
+    (onnxruntime fuses DequantizeLinear -> MatMul into the same MatMulNBits kernel) once that
+    route also keeps W_UK / W_UV as int8 storage instead of int8 matmuls in the body."""
+    from perseus_edge.quantize import rewrite as rw
+
     base, qdq = graph(exported()), graph(quantized("int4", format="qdq"))
     assert [f.SerializeToString() for f in qdq.functions] == [f.SerializeToString() for f in base.functions]
     calls = lambda m: [(n.op_type, len(n.input)) for n in m.graph.node if n.domain == mf.PERSEUS_DOMAIN]  # noqa: E731
@@ -262,7 +265,10 @@ def test_qdq_format_keeps_the_exported_functions_byte_identical(exported, quanti
     assert codes and types == {onnx.TensorProto.UINT4}
     prompt, tokens, _ = reference(exported())
     a = run_logits(quantized("int4", format="qdq"), prompt, tokens)
-    b = run_logits(quantized("int4"), prompt, tokens)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rw, "quantize_absorbed", lambda model, op, formals, **_: rw.store_int8(model, op, formals))
+        stored = quantize_model(exported(), tmp_path / "stored", "int4")
+    b = run_logits(stored, prompt, tokens)
     assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) < 1e-4
 
 
@@ -332,6 +338,34 @@ def test_an_ort_cpu_export_is_not_quantized_for_portable(exported, tmp_path):
                                            "the checkpoint with --target portable"):
         quantize_model(exported("moe-mla-rope", "ort-cpu"), tmp_path / "q", "int8", target="portable")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_absorbed_weights_run_as_fused_int8_matmuls_on_ort_cpu(exported, tmp_path, monkeypatch, scheme):
+    """W_UK / W_UV are int8 matmuls in the LatentAttention body (int8 activations: scheme int8, or
+    int4 at accuracy_level 4); the ort-cpu lowering fuses each into one DynamicQuantizeMatMul,
+    which computes what the standard DynamicQuantizeLinear/MatMulInteger nodes compute."""
+    from perseus_edge.lower import lower, passes
+    from perseus_edge.modelfile.reader import load
+    from perseus_edge.modelfile.writer import save
+    from perseus_edge.quantize import quantize
+
+    program = quantize(load(exported("moe-mla-rope", "ort-cpu")), scheme, target="ort-cpu", accuracy_level=4)
+    fused = save(lower(program, "ort-cpu"), tmp_path / "fused")
+    body = [f for f in graph(fused).functions if f.name == mf.OP_LATENT_ATTENTION][0]
+    dqmm = [n for n in body.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert [n.input[1] for n in dqmm] == ["w_uk_q", "w_uv_q"]
+    assert not [n for n in body.node if n.op_type in ("MatMulInteger", "DynamicQuantizeLinear")]
+    assert "int8_batched_matmul_to_ort" in verify_folder(fused)[mf.LOWER_META]["passes"]
+    weights = {t.name: t for t in graph(fused).graph.initializer}
+    assert weights["layers.0.attn.w_uk.q"].data_type == onnx.TensorProto.INT8
+    monkeypatch.setitem(passes.REWRITES, "ort-cpu",
+                        [r for r in passes.REWRITES["ort-cpu"] if r is not passes.int8_batched_matmul_to_ort])
+    plain = save(lower(program, "ort-cpu"), tmp_path / "plain")
+    assert [f for f in graph(plain).functions if f.name == mf.OP_LATENT_ATTENTION][0].node != body.node
+    prompt, tokens, _ = reference(exported())
+    for a, b in zip(run_logits(fused, prompt, tokens), run_logits(plain, prompt, tokens)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
 
 
 def test_fp16_storage_for_the_ort_cpu_target(exported, quantized):

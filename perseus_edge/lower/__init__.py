@@ -9,7 +9,8 @@ faster (`passes.py`) and, for a program quantized for it, quantizes the experts 
 kernel's layout (`qmoe.py`). Lowering comes after quantization (ExecuTorch's order): the
 quantizer works on the portable graph, the backend's kernels are picked here. A program lowered
 before it was quantized (`perseus export` writes ort-cpu by default) is lowered again for the
-same target: the passes are not repeated, the kernel-owned weights are quantized. The ORT mobile
+same target: the passes run again and find only what quantization added, and the
+kernel-owned weights are quantized. The ORT mobile
 format (`ort_format.py`) is the last, optional serialize step on a written folder.
 """
 
@@ -42,11 +43,11 @@ def lower(program: Program, target: str) -> Program:
                            f"quantize it with target {target} to lower it for {target}")
     graph = onnx.ModelProto()
     graph.CopyFrom(program.graph)
-    if program.target == target != "portable":  # lowered before quantization: the passes ran then
-        record = {"target": target, "passes": list(program.records[mf.LOWER_META].get("passes", []))}
-    else:
-        graph, applied = passes.lower(graph, target)
-        record = {"target": target, "passes": applied}
+    graph, applied = passes.lower(graph, target)
+    if program.target == target != "portable":  # lowered before quantization: add what ran now
+        before = list(program.records[mf.LOWER_META].get("passes", []))
+        applied = before + [p for p in applied if p not in before]
+    record = {"target": target, "passes": applied}
     experts = quant.get("experts")
     if experts:
         record.update(_quantize_experts(graph, experts))

@@ -124,11 +124,68 @@ def skip_norm_to_ort(model: onnx.ModelProto) -> int:
     return count
 
 
-REWRITES = {"ort-cpu": [moe_to_ort, skip_norm_to_ort]}
+def int8_batched_matmul_to_ort(model: onnx.ModelProto) -> int:
+    """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * c) in the perseus function
+    bodies  =>  com.microsoft.DynamicQuantizeMatMul(x, w_q, c).
+
+    This is the quantizer's int8 matmul over MLA's per-head weights (`quantize.rewrite.
+    quantize_absorbed`: W_UK, W_UV, [H, K, N]). onnxruntime fuses the same pattern itself only
+    when the weight is 2-D; its DynamicQuantizeMatMul kernel runs the batched 3-D weight as well,
+    and the fused form is 1.13x faster per 54M int8 decode step than the four separate kernels
+    (studies/perf/README.md). The per-(head, column) scale stays the Mul after it.
+    """
+    count = 0
+    for f in model.functions:
+        producer = {o: n for n in f.node for o in n.output}
+        readers: dict[str, list] = {}
+        for n in f.node:
+            for i in n.input:
+                readers.setdefault(i, []).append(n)
+        replaced: dict[int, onnx.NodeProto | None] = {}
+        for mmi in f.node:
+            if (mmi.op_type, mmi.domain) != ("MatMulInteger", "") or len(mmi.input) != 3:
+                continue
+            dql = producer.get(mmi.input[0])
+            cast = readers.get(mmi.output[0], [None])
+            if (dql is None or dql.op_type != "DynamicQuantizeLinear" or mmi.input[2] != dql.output[2]
+                    or len(cast) != 1 or cast[0].op_type != "Cast"):
+                continue
+            mul = readers.get(cast[0].output[0], [None])
+            if len(mul) != 1 or mul[0].op_type != "Mul":
+                continue
+            mul = mul[0]
+            unit = producer.get(mul.input[1] if mul.input[0] == cast[0].output[0] else mul.input[0])
+            if unit is None or unit.op_type != "Mul" or len(readers[unit.output[0]]) != 1 or dql.output[1] not in unit.input:
+                continue
+            c = unit.input[1] if unit.input[0] == dql.output[1] else unit.input[0]
+            if c not in producer or producer[c].op_type != "Constant":  # b_scale: a scalar constant
+                continue
+            replaced.update({id(mmi): None, id(cast[0]): None, id(unit): None})
+            replaced[id(mul)] = helper.make_node("DynamicQuantizeMatMul", [dql.input[0], mmi.input[1], c],
+                                                 list(mul.output), name=mul.name + "/fused", domain=MS_DOMAIN)
+            count += 1
+        if not replaced:
+            continue
+        body = [replaced.get(id(n), n) for n in f.node]
+        body = [n for n in body if n is not None]
+        used = {i for n in body for i in n.input} | set(f.output)
+        body = [n for n in body if n.op_type != "DynamicQuantizeLinear" or any(o in used for o in n.output)]
+        del f.node[:]
+        f.node.extend(body)
+        if not any(o.domain == MS_DOMAIN for o in f.opset_import):
+            f.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if count:
+        ensure_opset(model, MS_DOMAIN, 1)
+    return count
+
+
+REWRITES = {"ort-cpu": [moe_to_ort, skip_norm_to_ort, int8_batched_matmul_to_ort]}
 
 
 def lower(model: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, list[str]]:
-    """Apply the target's rewrites; returns the model and the names of those that changed it."""
+    """Apply the target's rewrites; returns the model and the names of those that changed it.
+    Each rewrite finds nothing left to do in a graph it already rewrote, so lowering again (a
+    program quantized after it was lowered) only rewrites what quantization added."""
     applied = [rewrite.__name__ for rewrite in REWRITES.get(target, []) if rewrite(model)]
     if applied:
         drop_unused(model)

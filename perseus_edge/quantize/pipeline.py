@@ -91,7 +91,12 @@ def apply(model, plan: Plan) -> dict:
             done["matmuls"] = len(rw.quantize_matmuls(model, weights, skip=skip))
             if not kept:
                 done["expert_weights"] = len(rw.quantize_op_weights(model, mf.OP_MOE, EXPERT_WEIGHTS, weights))
-        done["absorbed_int8"] = len(rw.store_int8(model, mf.OP_LATENT_ATTENTION, ABSORBED_WEIGHTS))
+        if plan.format == "qoperator" and (plan.scheme == "int8" or plan.accuracy_level == 4):
+            # activations go int8 anyway: int8 matmuls (qdq leaves the function bodies untouched)
+            done["absorbed_int8_matmuls"] = len(rw.quantize_absorbed(
+                model, mf.OP_LATENT_ATTENTION, ABSORBED_WEIGHTS, reduce_range=plan.settings.reduce_range))
+        else:  # fp32 activations asked for: int8 storage, float32 compute
+            done["absorbed_int8"] = len(rw.store_int8(model, mf.OP_LATENT_ATTENTION, ABSORBED_WEIGHTS))
         if kept:  # QMoE takes only integer zero points, so its experts use rtn
             experts = replace(weights, method="rtn") if weights.kind == "nbits" else weights
             done["experts"] = asdict(experts)

@@ -264,6 +264,74 @@ def store_int8(model: onnx.ModelProto, op: str, formals: list[str]) -> list[str]
     return done
 
 
+def quantize_absorbed(model: onnx.ModelProto, op: str, formals: list[str], reduce_range: bool = False) -> list[str]:
+    """The per-head weights `op` multiplies by (MLA's W_UK [H, nope, r], W_UV [H, r, v]) as int8
+    matmuls inside its body: symmetric int8 with a scale per (head, output column), the
+    activation quantized dynamically per tensor (DynamicQuantizeLinear -> MatMulInteger over the
+    heads' batch -> Cast -> * x_scale -> * w_scale [H, 1, N]; standard ONNX, which onnxruntime
+    runs as DynamicQuantizeMatMul + Mul).
+
+    Why not keep them in float: they are a third of the bytes an int8 decode step reads (54M:
+    8 MiB of 25 MiB in fp32), and the step is bound by those reads (54M int8: 1.2x faster per
+    step, studies/perf/README.md). Each formal becomes `{formal}_q`, `{formal}_scale`; every call
+    site passes its own layer's tensors. Returns the quantized initializer names.
+    """
+    f = function(model, op)
+    if f is None:
+        return []
+    calls = [n for n in model.graph.node if (n.domain, n.op_type) == (mf.PERSEUS_DOMAIN, op)]
+    inits = initializers(model)
+    position = {name: i for i, name in enumerate(f.input)}
+    for formal in formals:
+        for call in calls:
+            t = inits.get(call.input[position[formal]])
+            if t is None or len(t.dims) != 3 or t.data_type != FLOAT:
+                return []  # not the absorbed per-head weights of an fp32 export
+    body, b, dq_cache = [], Builder(), {}
+    for node in f.node:
+        if node.op_type == "MatMul" and not node.domain and node.input[1] in formals:
+            formal = node.input[1]
+            b.scope = formal
+            start = len(b.nodes)
+            x = node.input[0]
+            if x not in dq_cache:
+                dq_cache[x] = b.DynamicQuantizeLinear(x, _outputs=3)
+            xq, xs, xz = dq_cache[x]
+            unit = b.Mul(xs, b.Constant(value_float=1.0))  # a_scale * b_scale: the fusable form
+            acc = b.Mul(b.Cast(b.MatMulInteger(xq, f"{formal}_q", xz), to=FLOAT), unit)
+            b.Mul(acc, f"{formal}_scale", _outputs=[node.output[0]])
+            body.extend(b.nodes[start:])
+        elif node.op_type == "Shape" and node.input[0] in formals:  # sizes: the codes have the same shape
+            node.input[0] = f"{node.input[0]}_q"
+            body.append(node)
+        else:
+            body.append(node)
+    replace_nodes(f, body)
+    new_inputs = []
+    for name in f.input:
+        new_inputs += [f"{name}_q", f"{name}_scale"] if name in formals else [name]
+    del f.input[:]
+    f.input.extend(new_inputs)
+    done, original = [], list(position)
+    for call in calls:
+        new_args = []
+        for i, arg in enumerate(call.input):
+            if i < len(original) and original[i] in formals:
+                w = numpy_helper.to_array(inits[arg])  # [H, K, N]: per column of [K, H*N]
+                h, k, n = w.shape
+                t = qw.quantize_int8(w.transpose(1, 0, 2).reshape(k, h * n), reduce_range=reduce_range)
+                q = np.ascontiguousarray(t.q.reshape(k, h, n).transpose(1, 0, 2))
+                new_args += [add_initializer(model, f"{arg}.q", q),
+                             add_initializer(model, f"{arg}.scale", t.scale.reshape(h, 1, n))]
+                done.append(arg)
+            else:
+                new_args.append(arg)
+        del call.input[:]
+        call.input.extend(new_args)
+    drop_unused(model)
+    return done
+
+
 # ----------------------------------------------------------------------------- int8 cache
 def int8_cache(model: onnx.ModelProto) -> int:
     """Store every cache slot as int8 rows with one float32 scale per row (per token).
