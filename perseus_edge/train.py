@@ -203,6 +203,10 @@ def train(cfg: TrainConfig) -> dict:
         overrides = {} if cfg.router_bias_rate is None else {"router_bias_update_rate": cfg.router_bias_rate}
         model_cfg = preset(cfg.preset, cfg.arch, **overrides)
     tokenizer = load_tokenizer(tok_path)
+    try:  # read once: every checkpoint of the run writes these bytes, whatever happens to the source file
+        tok_bytes = tok_path.read_bytes()
+    except OSError as e:
+        raise PerseusError(f"cannot read the tokenizer {tok_path}: {describe_oserror(e)}") from None
     if not cfg.resume and tokenizer.get_vocab_size() != model_cfg.vocab_size:
         model_cfg = model_cfg.replace(vocab_size=tokenizer.get_vocab_size())
     check_vocab(tokenizer, model_cfg.vocab_size, f"preset {cfg.preset}")
@@ -258,6 +262,7 @@ def train(cfg: TrainConfig) -> dict:
         try:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+            atomic_write(out / "tokenizer.json", tok_bytes)
             log = open(log_path, "a" if cfg.resume else "w")
         except OSError as e:
             raise PerseusError(f"cannot write the run folder {out}: {describe_oserror(e)}") from None
@@ -308,10 +313,10 @@ def train(cfg: TrainConfig) -> dict:
                 if best is None or val_loss < best["val_loss"]:
                     best, evals_without_best = {"step": step + 1, "val_loss": val_loss}, 0
                     if master:
-                        save_checkpoint(out / "best", model, tok_path, meta={"params": n_params, **best})
+                        save_checkpoint(out / "best", model, out / "tokenizer.json", meta={"params": n_params, **best})
                 else:
                     evals_without_best += 1
-                    early_stop = evals_without_best >= cfg.patience
+                    early_stop = evals_without_best >= cfg.patience and step + 1 < cfg.steps
         if master and log_now:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -346,7 +351,7 @@ def train(cfg: TrainConfig) -> dict:
         stop.restore()
 
     if master:
-        save_training_checkpoint(ckpt_dir, model, tok_path, optimizers, cfg, n_params, done_steps)
+        save_training_checkpoint(ckpt_dir, model, out / "tokenizer.json", optimizers, cfg, n_params, done_steps)
         log.close()
         if early_stop:
             print(f"early stop at step {done_steps}: the valid loss last improved at step {best['step']} "

@@ -122,6 +122,30 @@ def test_patience_stops_early_and_best_holds_the_best_weights(tmp_path, tiny_tok
     assert again == pytest.approx(best_val, abs=1e-4)
 
 
+def test_run_keeps_its_own_tokenizer_when_the_source_vanishes(tmp_path, tiny_tokenizer, monkeypatch):
+    """A checkout re-synced under a running job (as the GPU machine's tool does) once deleted the
+    tokenizer mid-run and killed it at its next checkpoint: the run reads the file once and
+    writes its own copy into every checkpoint."""
+    import shutil
+
+    import perseus_edge.train as train_module
+
+    source = tmp_path / "tok.json"
+    shutil.copyfile(tiny_tokenizer, source)
+    real_evaluate = train_module.evaluate
+
+    def evaluate_then_delete(*args, **kwargs):
+        source.unlink(missing_ok=True)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_then_delete)
+    cfg = run_config(tmp_path, source, steps=4, warmup=1, eval_every=2, eval_batches=1, max_chars=50_000,
+                     log_every=2, patience=5, batch_size=2, seq_len=32)
+    train(cfg)
+    for folder in ("best", "checkpoint"):
+        assert (Path(cfg.out) / folder / "tokenizer.json").read_bytes() == Path(tiny_tokenizer).read_bytes()
+
+
 def test_checkpoint_round_trip_is_bit_exact(tmp_path, tiny_tokenizer):
     torch.manual_seed(0)
     model = PerseusLM(preset("tiny"))
