@@ -197,7 +197,7 @@ def test_concurrent_requests_decode_together(folder, lm):
 
 
 def test_long_prompt_prefills_in_chunks_between_decode_steps(folder, lm):
-    """A 200-token prompt is prefilled 128 tokens at a time while others decode; when a decoding
+    """A 200-token prompt is prefilled 64 tokens at a time while others decode; when a decoding
     request finishes meanwhile, the half-prefilled sequence moves down a slot and still answers
     exactly as if run alone."""
     long_ids = (lm.encode(" ".join(PROMPTS)) * 4)[:200]
@@ -219,7 +219,10 @@ def test_long_prompt_prefills_in_chunks_between_decode_steps(folder, lm):
             answers = [f.result(timeout=60) for f in futures]
     for (prompt, n), r in zip(asks, answers):
         assert r.choices[0].text == single(lm, prompt, n, temperature=0.0)
-    assert (2, 1, 128) in moves  # the prefilling sequence, 128 rows in, moved from slot 2 to 1
+    from perseus_edge.serve.engine import PREFILL_CHUNK_SHARED
+
+    assert PREFILL_CHUNK_SHARED == 64
+    assert (2, 1, 64) in moves  # the prefilling sequence, one chunk in, moved from slot 2 to 1
 
 
 def test_context_full_finishes_with_length(client, lm):

@@ -14,7 +14,7 @@ import numpy as np
 
 from perseus_edge.errors import PerseusError
 
-BATCH = 512  # tokens per llama_decode call: the runtime's prefill chunk, llama-bench's n_ubatch
+BATCH = 512  # tokens per llama_decode call: llama-bench's (and llama.cpp's) default n_ubatch
 
 
 def available() -> bool:

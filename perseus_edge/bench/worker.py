@@ -10,7 +10,7 @@ Requests (one JSON object per line) and answers:
         its cache with prompt[:depth] (untimed)
         -> {"ready": true, "backend", "version", "size_bytes", "params", "max_context", "load_s"}
     {"cmd": "pp", "n": 256, "depth": 0}   -> {"tok_s"}  one batch prompt[depth:depth+n] at
-        positions depth.. (in 512-token chunks): tok/s = n / time
+        positions depth.. (in the runtime's prefill chunks): tok/s = n / time
     {"cmd": "tg", "n": 128, "depth": 900} -> {"tok_s"}  n one-token steps over prompt[depth:depth+n]
     {"cmd": "stats"}                      -> {"peak_rss_bytes", "rss_bytes"}
 Failures answer {"error": "..."}; end of input ends the worker.
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-CHUNK = 512  # prompt tokens per forward call (the runtime's prefill chunk; llama.cpp's n_ubatch)
+from perseus_edge.runtime.generate import PREFILL_CHUNK as CHUNK  # prompt tokens per call, as `perseus run`
 
 
 class OnnxBackend:

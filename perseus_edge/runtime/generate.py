@@ -31,8 +31,12 @@ from perseus_edge.runtime.stream import StopFilter, TextStream, token_bytes_tabl
 from perseus_edge.runtime.timings import Timings, anon_rss_bytes, now, peak_rss_bytes
 
 TRUNCATE = ("none", "left")
-PREFILL_CHUNK = 512  # prompt tokens per graph run (bounds the logits/activation memory)
-PREFILL_CHUNK_LOW_MEMORY = 64
+# Prompt tokens per graph run. It bounds the activations, which grow with chunk x cached rows
+# (attention scores [chunk * heads, rows]): 54M int8, 768 cached tokens then pp256, peak RSS
+# 310 MiB in chunks of 512, 236 of 256, 174 of 64, at the same prefill speed at 1 thread (fp32 at
+# 2 threads: ~10% slower from 256 to 64; studies/perf/README.md, section 7).
+PREFILL_CHUNK = 64
+PREFILL_CHUNK_LOW_MEMORY = 32
 
 
 @dataclass
