@@ -8,6 +8,10 @@ status, so each row of the report can be reproduced by hand.
     python3 studies/gpu/train_suite.py check                        # GPU-only paths equal their references
     python3 studies/gpu/train_suite.py probe --out DIR [--compile]  # solo tokens/s, MFU, memory per config
     python3 studies/gpu/train_suite.py wave --preset 17m --muon-lrs 1e-3,1e-2 --adamw-lrs 1e-3 --budget-s 300 --out DIR
+    python3 studies/gpu/train_suite.py campaign --out DIR --batch 128 --specs 54m:mha:muon:3e-3:1600,...
+        [--train-args="--compile --patience 3"] ["--moe-args=--router-bias-rate 3e-3"]  # start them, return
+    python3 studies/gpu/train_suite.py watch --out DIR --limit-s 440  # follow them from a later call
+    python3 studies/gpu/train_suite.py score --out DIR                # test loss of each run's OUT/best
     python3 studies/gpu/train_suite.py package --preset 17m --out DIR --pieces-out $OUT [--first i --count n]
 
 A wave trains several runs at once on the one GPU (a small model leaves most of an H100 idle).
