@@ -15,6 +15,8 @@ sha256 of every file), so "reuse the build if the source is unchanged" is one te
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from perseus_edge import modelfile as mf
@@ -86,16 +88,35 @@ def build(checkpoint: str | os.PathLike, scheme: str | None = "int8", target: st
     if missing:
         raise PerseusError(f"building {ckpt} needs {' and '.join(missing)} once (the result is cached): "
                            f"pip install 'perseus-edge[export]'")
+    log(f"building {ckpt} ({target}, {scheme or 'fp32'}) once into {folder}")
+    # In a child process: torch and the exporter's memory never enter the caller, which goes on to
+    # run the model torch-free (the demo's first run used to report ~880 MiB peak RSS, build included).
+    code = "import sys; from perseus_edge.build import _build_main; _build_main(sys.argv[1:])"
+    child = subprocess.run([sys.executable, "-c", code, str(ckpt), scheme or "", target, str(folder)],
+                           stderr=subprocess.PIPE, text=True)
+    if child.returncode:
+        lines = child.stderr.strip().splitlines()
+        raise PerseusError(lines[-1].removeprefix("error: ") if lines else
+                           f"building {ckpt} failed (exit status {child.returncode})")
+    return folder
+
+
+def _build_main(args: list[str]) -> None:
+    """`build`'s child: export, quantize, lower, save; a PerseusError becomes its last stderr line."""
     from perseus_edge.export import export
     from perseus_edge.lower import lower
     from perseus_edge.modelfile.writer import save
     from perseus_edge.quantize import quantize
 
-    log(f"building {ckpt} ({target}, {scheme or 'fp32'}) once into {folder}")
-    program = export(ckpt)
-    if scheme:
-        program = quantize(program, scheme, target=target)
-    return save(lower(program, target), folder, force=True)
+    ckpt, scheme, target, folder = args
+    try:
+        program = export(Path(ckpt))
+        if scheme:
+            program = quantize(program, scheme, target=target)
+        save(lower(program, target), Path(folder), force=True)
+    except PerseusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def cache_root() -> Path:

@@ -629,6 +629,23 @@ def test_demo_exports_once_then_uses_cache(make_checkpoint, tmp_path, monkeypatc
     assert list((tmp_path / "cache" / "perseus-edge" / "builds").iterdir())
 
 
+def test_demo_build_leaves_the_caller_torch_free(make_checkpoint, tmp_path):
+    """The first-run build happens in a child process: the demo's own process (whose peak RSS the
+    demo reports) never imports torch, so that figure is the runtime's, as on every later run."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from perseus_edge.cli.demo import prepare; "
+            "folder = prepare(sys.argv[1], log=lambda m: None); "
+            "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, 'imported in the caller'; "
+            "print(folder)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", code, str(make_checkpoint("moe-mla-rope"))], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert (Path(r.stdout.strip()) / "model.onnx").is_file()
+
+
 def test_demo_without_default_model_says_so(monkeypatch, tmp_path):
     from perseus_edge.cli import demo
 

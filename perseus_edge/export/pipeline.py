@@ -64,7 +64,7 @@ def checkpoint_sha(ckpt_dir: Path) -> str:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise PerseusError(f"checkpoint folder not found: {ckpt_dir}")
-    from perseus_edge.checkpoint import is_transformers_folder
+    from perseus_edge.model.hf import is_transformers_folder  # torch-free: the demo's caller stays so
 
     if not (ckpt_dir / MANIFEST).is_file() and is_transformers_folder(ckpt_dir):
         listing = {p.relative_to(ckpt_dir).as_posix(): sha256_file(p)
