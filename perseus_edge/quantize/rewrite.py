@@ -176,14 +176,24 @@ def quantize_op_weights(model: onnx.ModelProto, op: str, formals: list[str], qua
         f.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
         ensure_opset(model, MS_DOMAIN)
     # the call sites
-    done, original = [], list(position)
+    def replace(arg: str, w: np.ndarray) -> list[str]:
+        tensors = quant.tensors(w)
+        return [add_initializer(model, f"{arg}.{r}", tensors[r]) for r in roles]
+
+    return _rebind_call_sites(model, calls, list(position), formals, inits, replace)
+
+
+def _rebind_call_sites(model: onnx.ModelProto, calls, original: list[str], formals, inits: dict,
+                       replace) -> list[str]:
+    """At every call site, swap each weight argument bound to one of `formals` for the
+    initializers `replace(name, array)` returns (the rewritten function's new inputs, in order);
+    drop what no longer has a user. Returns the replaced weights' names."""
+    done = []
     for call in calls:
         new_args = []
         for i, arg in enumerate(call.input):
             if i < len(original) and original[i] in formals:
-                w = numpy_helper.to_array(inits[arg])
-                tensors = quant.tensors(w)
-                new_args += [add_initializer(model, f"{arg}.{r}", tensors[r]) for r in roles]
+                new_args += replace(arg, numpy_helper.to_array(inits[arg]))
                 done.append(arg)
             else:
                 new_args.append(arg)
@@ -312,24 +322,13 @@ def quantize_absorbed(model: onnx.ModelProto, op: str, formals: list[str], reduc
         new_inputs += [f"{name}_q", f"{name}_scale"] if name in formals else [name]
     del f.input[:]
     f.input.extend(new_inputs)
-    done, original = [], list(position)
-    for call in calls:
-        new_args = []
-        for i, arg in enumerate(call.input):
-            if i < len(original) and original[i] in formals:
-                w = numpy_helper.to_array(inits[arg])  # [H, K, N]: per column of [K, H*N]
-                h, k, n = w.shape
-                t = qw.quantize_int8(w.transpose(1, 0, 2).reshape(k, h * n), reduce_range=reduce_range)
-                q = np.ascontiguousarray(t.q.reshape(k, h, n).transpose(1, 0, 2))
-                new_args += [add_initializer(model, f"{arg}.q", q),
-                             add_initializer(model, f"{arg}.scale", t.scale.reshape(h, 1, n))]
-                done.append(arg)
-            else:
-                new_args.append(arg)
-        del call.input[:]
-        call.input.extend(new_args)
-    drop_unused(model)
-    return done
+    def replace(arg: str, w: np.ndarray) -> list[str]:  # w [H, K, N]: per column of [K, H*N]
+        h, k, n = w.shape
+        t = qw.quantize_int8(w.transpose(1, 0, 2).reshape(k, h * n), reduce_range=reduce_range)
+        q = np.ascontiguousarray(t.q.reshape(k, h, n).transpose(1, 0, 2))
+        return [add_initializer(model, f"{arg}.q", q), add_initializer(model, f"{arg}.scale", t.scale.reshape(h, 1, n))]
+
+    return _rebind_call_sites(model, calls, list(position), formals, inits, replace)
 
 
 # ----------------------------------------------------------------------------- int8 cache
