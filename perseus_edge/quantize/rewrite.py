@@ -129,6 +129,12 @@ def quantize_matmuls(model: onnx.ModelProto, quant: MatMulQuant, skip: set[str] 
 
 
 # ----------------------------------------------------------------------------- weights of a perseus op
+def _call_sites(model: onnx.ModelProto, f, op: str) -> tuple[list, dict, dict[str, int]]:
+    """(the graph's calls of the perseus op `op`, the model's initializers, formal name -> position)."""
+    calls = [n for n in model.graph.node if (n.domain, n.op_type) == (mf.PERSEUS_DOMAIN, op)]
+    return calls, initializers(model), {name: i for i, name in enumerate(f.input)}
+
+
 def quantize_op_weights(model: onnx.ModelProto, op: str, formals: list[str], quant: MatMulQuant) -> list[str]:
     """Quantize the 2-D weights that the function `op` multiplies by (its formal inputs `formals`).
 
@@ -141,9 +147,7 @@ def quantize_op_weights(model: onnx.ModelProto, op: str, formals: list[str], qua
     f = function(model, op)
     if f is None:
         return []
-    calls = [n for n in model.graph.node if (n.domain, n.op_type) == (mf.PERSEUS_DOMAIN, op)]
-    inits = initializers(model)
-    position = {name: i for i, name in enumerate(f.input)}
+    calls, inits, position = _call_sites(model, f, op)
     shapes: dict[str, tuple] = {}
     for formal in formals:
         for call in calls:
@@ -289,9 +293,7 @@ def quantize_absorbed(model: onnx.ModelProto, op: str, formals: list[str], reduc
     f = function(model, op)
     if f is None:
         return []
-    calls = [n for n in model.graph.node if (n.domain, n.op_type) == (mf.PERSEUS_DOMAIN, op)]
-    inits = initializers(model)
-    position = {name: i for i, name in enumerate(f.input)}
+    calls, inits, position = _call_sites(model, f, op)
     for formal in formals:
         for call in calls:
             t = inits.get(call.input[position[formal]])
