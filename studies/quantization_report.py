@@ -289,7 +289,7 @@ def model_section(name: str, short: str, ckpt: str, records: list[dict]) -> str:
                  f"1024-token context), perplexity {_pct(p['fp32+kv8']['ppl_delta_pct'])} alone, {_pct(cache_int4)} "
                  "on top of int4.")
     return (f"## {short} model (trained, `{ckpt}`)\n\nfp32 perplexity {p['fp32']['ppl']:.2f} on {p['fp32']['tokens']:,} test tokens.\n\n"
-            f"{table(rows)}\nGoals (portable export, the default `perseus export`):\n\n" + "\n".join(lines) + "\n")
+            f"{table(rows)}\nGoals (portable export; the ort-cpu rows, what `perseus export` writes by default, are in parentheses):\n\n" + "\n".join(lines) + "\n")
 
 
 def readme(records: list[dict], env: dict) -> str:
