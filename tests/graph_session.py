@@ -34,6 +34,7 @@ class CachedSession:
         self.binding = self.session.io_binding()
         self.binding.bind_output(mf.LOGITS)  # first, so it is output 0
         self.caches: dict[str, np.ndarray] = {}
+        self.inputs = {i.name for i in self.session.get_inputs()}
         for inp in self.session.get_inputs():
             if not inp.name.startswith("past."):
                 continue
@@ -58,6 +59,8 @@ class CachedSession:
         self.binding.bind_cpu_input(mf.INPUT_IDS, ids)
         self.binding.bind_cpu_input(mf.POSITION, np.ascontiguousarray(
             np.broadcast_to(np.asarray(position, np.int64), ids.shape[:1])))
+        if mf.LOGITS_ROWS in self.inputs:  # every new token's logits
+            self.binding.bind_cpu_input(mf.LOGITS_ROWS, np.arange(ids.shape[1], dtype=np.int64))
         self.binding.bind_output(mf.LOGITS)  # logits change shape between prefill and decode
         self.session.run_with_iobinding(self.binding)
         return self.binding.get_outputs()[0].numpy()

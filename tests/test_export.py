@@ -170,13 +170,13 @@ def test_graph_contract_and_custom_ops(arch, exported):
     cfg = ModelConfig.load(folder)
     slots = mf.cache_slots(cfg.is_mla)
     layers = range(cfg.num_hidden_layers)
-    assert [i.name for i in model.graph.input] == [mf.INPUT_IDS, mf.POSITION] + [
+    assert [i.name for i in model.graph.input] == [mf.INPUT_IDS, mf.POSITION, mf.LOGITS_ROWS] + [
         mf.past_name(i, s) for i in layers for s in slots]
     assert [o.name for o in model.graph.output] == [mf.LOGITS] + [
         mf.present_name(i, s) for i in layers for s in slots]
     context = json.loads((folder / mf.GENERATION_CONFIG).read_text())["max_context"]
     assert context == cfg.max_position_embeddings
-    for value, width in zip(model.graph.input[2:4], mf.cache_widths(cfg)):
+    for value, width in zip(model.graph.input[3:5], mf.cache_widths(cfg)):
         assert [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim] == ["batch", context, width]
 
     attention = mf.OP_LATENT_ATTENTION if cfg.is_mla else mf.OP_ATTENTION

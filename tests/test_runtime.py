@@ -580,6 +580,25 @@ def test_parity_with_pytorch_reference(arch, export_arch, make_checkpoint):
             assert np.abs(step - full[0, len(prompt) + i].numpy()).max() < 1e-4
 
 
+def test_last_only_prefill_is_the_last_row(exported, toy):
+    """`forward(last_only=True)` equals the last row of every-row logits; an exported graph computes
+    that row alone (logits_rows), a folder from before logits_rows (the toy) is sliced after the run."""
+    from perseus_edge.runtime.model import Model
+
+    for folder, graph_rows in ((exported, True), (toy, False)):
+        model = Model(folder, threads=1)
+        assert model.spec.logits_rows is graph_rows
+        ids = np.arange(3, 40, dtype=np.int64)[None] % model.spec.vocab_size
+        full = model.forward(ids, 0).copy()
+        # with logits_rows the session writes one row into a [1, 1, vocab] buffer (onnxruntime
+        # refuses a bound output of another shape): the head ran on that row alone
+        last = model.forward(ids, 0, last_only=True)
+        assert full.shape[1] == ids.shape[1] and last.shape == (1, 1, model.spec.vocab_size)
+        np.testing.assert_allclose(last[0, 0], full[0, -1], rtol=0, atol=1e-5)
+        step = model.forward(np.array([[5]]), ids.shape[1])  # one-token steps bind their own row
+        assert step.shape == (1, 1, model.spec.vocab_size)
+
+
 def test_exported_ort_format_same_tokens(exported, tmp_path):
     from perseus_edge.runtime.generate import Generator
     from perseus_edge.lower.ort_format import convert_to_ort

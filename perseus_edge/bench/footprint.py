@@ -52,6 +52,7 @@ def rss_now() -> dict:
 
 def probe(model_dir: str, threads: int = 1, prefill: int = 256, decode: int = 16) -> dict:
     """Measured RSS at each stage of loading and running the model (call in a fresh process)."""
+    from perseus_edge import modelfile as mf
     from perseus_edge.runtime.cache import KVCache
     from perseus_edge.modelfile.reader import open_folder
     from perseus_edge.runtime.session import GraphSpec, create_session
@@ -70,12 +71,16 @@ def probe(model_dir: str, threads: int = 1, prefill: int = 256, decode: int = 16
     ids = (np.arange(n, dtype=np.int64) * 7919 % spec.vocab_size)[None]
     binding.bind_cpu_input("input_ids", ids)
     binding.bind_cpu_input("position", np.array([0], np.int64))
+    if spec.logits_rows:  # the last row's logits, as a generation's prefill asks
+        binding.bind_cpu_input(mf.LOGITS_ROWS, np.array([n - 1], np.int64))
     binding.bind_output("logits")
     session.run_with_iobinding(binding)
     stages["first run"] = rss_now()
     for i in range(decode):
         binding.bind_cpu_input("input_ids", np.array([[i + 1]], np.int64))
         binding.bind_cpu_input("position", np.array([n + i], np.int64))
+        if spec.logits_rows:
+            binding.bind_cpu_input(mf.LOGITS_ROWS, np.array([0], np.int64))
         binding.bind_output("logits")
         session.run_with_iobinding(binding)
     stages["decode"] = rss_now()

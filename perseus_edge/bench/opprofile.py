@@ -84,7 +84,7 @@ def op_profile(model_dir: str | Path, threads: int = 1, context: int = 16, steps
     model = Model(model_dir, threads=threads, verify=False, profile=tmp / "ort")
     context = max(1, min(context, model.max_context - steps - 1))
     ids = (np.arange(context, dtype=np.int64) * 7919 % model.spec.vocab_size)[None]
-    logits = model.forward(ids, 0)
+    logits = model.forward(ids, 0, last_only=True)
     for i in range(steps):
         logits = model.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), context + i)
     trace = Path(model.end_profiling())

@@ -61,7 +61,7 @@ class OnnxBackend:
 
     def forward(self, start: int, stop: int) -> None:
         """prompt[start:stop] at positions start..; the graph writes their cache rows in place."""
-        self.model.forward(self.ids[:, start:stop], start)
+        self.model.forward(self.ids[:, start:stop], start, last_only=True)
 
 
 class Worker:

@@ -2,7 +2,8 @@
 
 One graph serves prefill and decode (the contract in `perseus_edge.modelfile`):
 
-    input_ids [B,T], position [B], past.{i}.* [B,C,w]  ->  logits [B,T,V], present.{i}.* [B,C,w]
+    input_ids [B,T], position [B], logits_rows [R], past.{i}.* [B,C,w]
+        ->  logits [B,R,V], present.{i}.* [B,C,w]
 
 Per layer: RMSNorm -> projections (one GEMM, split) -> perseus.LatentAttention | perseus.Attention -> o_proj ->
 residual -> RMSNorm -> perseus.MoE (+ shared-expert MLP) | SwiGLU MLP -> residual. The weight
@@ -36,8 +37,9 @@ def decoder_graph(cfg: ModelConfig, weights: dict[str, np.ndarray], max_context:
     slots = mf.cache_slots(cfg.is_mla)
     widths = mf.cache_widths(cfg)
     inputs = [value_info(mf.INPUT_IDS, np.int64, ["batch", "seq"]),
-              value_info(mf.POSITION, np.int64, ["batch"])]
-    outputs = [value_info(mf.LOGITS, np.float32, ["batch", "seq", cfg.vocab_size])]
+              value_info(mf.POSITION, np.int64, ["batch"]),
+              value_info(mf.LOGITS_ROWS, np.int64, ["rows"])]
+    outputs = [value_info(mf.LOGITS, np.float32, ["batch", "rows", cfg.vocab_size])]
     for i in range(cfg.num_hidden_layers):
         for slot, width in zip(slots, widths):
             inputs.append(value_info(mf.past_name(i, slot), np.float32, ["batch", max_context, width]))
@@ -60,6 +62,9 @@ def decoder_graph(cfg: ModelConfig, weights: dict[str, np.ndarray], max_context:
         x = b.Add(x, _moe(b, w, cfg, i, h) if cfg.layer_is_moe(i) else _mlp(b, w, p + "mlp.", h),
                   _name=p + "resid_mlp")
     h = b.RMSNormalization(x, w("norm"), epsilon=cfg.rms_norm_eps, _name="final_norm")
+    # only the rows that need logits reach the head: a prompt chunk of 64 tokens in a generation
+    # needs one row of [d] x [d, vocab], not 64 (llama.cpp too computes the last row only)
+    h = b.Gather(h, mf.LOGITS_ROWS, axis=1, _name="logits_input")
     if cfg.tie_word_embeddings:  # Gemm reads the shared [V, d] table transposed, no copy
         flat = b.Reshape(h, b.const([-1, cfg.hidden_size]))
         b.Reshape(b.Gemm(flat, w("embed_tokens"), transB=1),

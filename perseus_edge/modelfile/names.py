@@ -15,8 +15,10 @@ Graph contract (one graph serves prefill and decode):
     inputs   input_ids   int64 [batch, seq]        tokens to process
              position    int64 [batch]             absolute position of input_ids[b, 0] per row (= tokens
                                                    that row has cached); rows may differ
+             logits_rows int64 [rows]                  which of the seq new tokens get logits (a
+                                                   generation's prefill needs only the last one)
              past.{i}.{slot}  float [batch, max_context, ...] preallocated cache buffers, per layer i
-    outputs  logits      float [batch, seq, vocab]
+    outputs  logits      float [batch, rows, vocab]
              present.{i}.{slot}  same shape as past; the same buffer with each row b's rows
                                  position[b]..position[b]+seq-1 written
 
@@ -39,6 +41,7 @@ REQUIRED_OPS = "model.required_operators.config"  # op list for a minimal ORT bu
 
 INPUT_IDS = "input_ids"
 POSITION = "position"
+LOGITS_ROWS = "logits_rows"  # absent from folders exported before it: logits for every new token
 LOGITS = "logits"
 
 PERSEUS_DOMAIN = "perseus"

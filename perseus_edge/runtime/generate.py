@@ -160,7 +160,7 @@ class Generator:
         try:
             t0 = now()
             for s in range(0, len(ids), self.prefill_chunk):
-                logits = model.forward(np.asarray([ids[s:s + self.prefill_chunk]]), s)
+                logits = model.forward(np.asarray([ids[s:s + self.prefill_chunk]]), s, last_only=True)
             last = logits[0, -1]
             timings.prompt_s, timings.prompt_tokens = now() - t0, len(ids)
             for i in range(budget):

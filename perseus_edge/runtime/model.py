@@ -38,21 +38,27 @@ class _Rows:
         self.ids = np.zeros((n, 1), dtype=np.int64)
         self.pos = np.zeros((n,), dtype=np.int64)
         self.logits = np.zeros((n, 1, model.spec.vocab_size), dtype=model.spec.logits_dtype)
-        self._ids_v, self._pos_v, self._logits_v = (ort.OrtValue.ortvalue_from_numpy(a)
-                                                    for a in (self.ids, self.pos, self.logits))
+        self.first_row = np.zeros((1,), dtype=np.int64)  # logits_rows of a one-token step
+        self._ids_v, self._pos_v, self._logits_v, self._first_row_v = (
+            ort.OrtValue.ortvalue_from_numpy(a) for a in (self.ids, self.pos, self.logits, self.first_row))
         self.binding.bind_ortvalue_input(mf.POSITION, self._pos_v)
+        self.logits_rows = model.spec.logits_rows
         self.step_bound = False
 
     def bind_step(self) -> None:
         if not self.step_bound:
             self.binding.bind_ortvalue_input(mf.INPUT_IDS, self._ids_v)
             self.binding.bind_ortvalue_output(mf.LOGITS, self._logits_v)
+            if self.logits_rows:
+                self.binding.bind_ortvalue_input(mf.LOGITS_ROWS, self._first_row_v)
             self.step_bound = True
 
-    def bind_prefill(self, ids: np.ndarray, logits: np.ndarray) -> None:
+    def bind_prefill(self, ids: np.ndarray, rows: np.ndarray, logits: np.ndarray) -> None:
         import onnxruntime as ort
 
         self.binding.bind_ortvalue_input(mf.INPUT_IDS, ort.OrtValue.ortvalue_from_numpy(ids))
+        if self.logits_rows:
+            self.binding.bind_ortvalue_input(mf.LOGITS_ROWS, ort.OrtValue.ortvalue_from_numpy(rows))
         self.binding.bind_ortvalue_output(mf.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
         self.step_bound = False
 
@@ -106,8 +112,10 @@ class Model:
             rows = self._rows[(slot, n)] = _Rows(self, slot, n)
         return rows
 
-    def forward(self, ids: np.ndarray, positions, slot: int = 0) -> np.ndarray:
-        """Logits [n, seq, vocab] for `ids` [n, seq] in cache slots slot..slot+n-1.
+    def forward(self, ids: np.ndarray, positions, slot: int = 0, last_only: bool = False) -> np.ndarray:
+        """Logits [n, seq, vocab] for `ids` [n, seq] in cache slots slot..slot+n-1; [n, 1, vocab]
+        (the last token's) with last_only, which is all a generation's prefill needs: the graph
+        then runs the output head on that row alone.
 
         positions: an int (every row at that position) or one absolute position per row [n]:
         row b's cache rows positions[b]..positions[b]+seq-1 are written in place, and its rows
@@ -138,14 +146,16 @@ class Model:
             rows.bind_step()
             logits = rows.logits
         else:
-            logits = np.empty((n, seq, self.spec.vocab_size), dtype=self.spec.logits_dtype)
-            rows.bind_prefill(ids, logits)
+            wanted = np.arange(seq - 1 if last_only else 0, seq, dtype=np.int64)
+            out_rows = len(wanted) if self.spec.logits_rows else seq
+            logits = np.empty((n, out_rows, self.spec.vocab_size), dtype=self.spec.logits_dtype)
+            rows.bind_prefill(ids, wanted, logits)
         try:
             self.session.run_with_iobinding(rows.binding)
         except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PerseusError(f"onnxruntime failed running {self.folder.graph}: {first}") from None
-        return logits
+        return logits[:, -1:] if last_only else logits
 
     def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
         """Copy a sequence's first `length` cached positions (default: all) from slot src to dst."""

@@ -147,6 +147,7 @@ class GraphSpec:
     max_context: int = 0
     vocab_size: int = 0
     logits_dtype: type = np.float32
+    logits_rows: bool = False  # the graph takes mf.LOGITS_ROWS (folders exported before it do not)
 
     @classmethod
     def from_session(cls, session, folder: ModelFolder) -> "GraphSpec":
@@ -178,7 +179,7 @@ class GraphSpec:
                     if isinstance(shape[1], int):
                         contexts.add(shape[1])
                     caches.append(CacheSpec(past, present, shape[2], dtype))
-        unknown = sorted(set(inputs) - {mf.INPUT_IDS, mf.POSITION} - {c.past for c in caches})
+        unknown = sorted(set(inputs) - {mf.INPUT_IDS, mf.POSITION, mf.LOGITS_ROWS} - {c.past for c in caches})
         if unknown:
             raise PerseusError(f"{where} has inputs {', '.join(unknown[:3])} that config.json does not "
                                f"describe (config.json and graph disagree)")
@@ -192,4 +193,4 @@ class GraphSpec:
             raise PerseusError(f"{where}: logits have {vocab} entries but config.json says "
                                f"vocab_size {cfg.vocab_size}")
         logits_dtype = _ORT_TYPES.get(outputs[mf.LOGITS].type) or np.float32
-        return cls(caches, max_context, vocab, logits_dtype)
+        return cls(caches, max_context, vocab, logits_dtype, mf.LOGITS_ROWS in inputs)

@@ -219,7 +219,7 @@ class Engine:
         chunk = self.shared_chunk if self._running else self.prefill_chunk
         try:
             ids = np.asarray([job.prompt[job.position:job.position + chunk]], dtype=np.int64)
-            logits = self.model.forward(ids, job.position, slot=slot)
+            logits = self.model.forward(ids, job.position, slot=slot, last_only=True)
             job.position += ids.shape[1]
             if job.position < len(job.prompt):
                 return

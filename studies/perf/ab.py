@@ -66,7 +66,7 @@ def main() -> None:
                 vocab = m.spec.vocab_size
                 prompt = rng.integers(2, vocab, (1, context))
                 for s in range(0, context, 512):
-                    m.forward(prompt[:, s:s + 512], s)
+                    m.forward(prompt[:, s:s + 512], s, last_only=True)
             times: dict[str, list[float]] = {n: [] for n in models}
             cpus: dict[str, list[float]] = {n: [] for n in models}
             names = list(models)

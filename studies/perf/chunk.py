@@ -26,7 +26,7 @@ ids = (np.arange(1024) * 7919 % m.spec.vocab_size)[None]
 def run(start, stop):
     t0 = time.perf_counter()
     for s in range(start, stop, chunk):
-        m.forward(ids[:, s:min(s + chunk, stop)], s)
+        m.forward(ids[:, s:min(s + chunk, stop)], s, last_only=True)
     return time.perf_counter() - t0
 run(0, 768)
 deep = 256 / run(768, 1024)

@@ -36,7 +36,7 @@ m = Model(folder, threads=1, verify=False, low_memory=setting.get("low_memory", 
           session_config=setting.get("config"))
 out["session"] = rss()
 ids = (np.arange(prefill) * 7919 % m.spec.vocab_size)[None]
-logits = m.forward(ids, 0)
+logits = m.forward(ids, 0, last_only=True)
 token = np.array([[int(logits[0, -1].argmax())]])
 t0 = time.perf_counter()
 for i in range(decode):
