@@ -289,8 +289,8 @@ def test_cache_buffers_bound_in_place(toy):
     seen = []
     forward = gen.model.forward
 
-    def spy(ids, position):
-        out = forward(ids, position)
+    def spy(ids, position, **kwargs):
+        out = forward(ids, position, **kwargs)
         bound = {v.data_ptr() for v in gen.model.binding.get_outputs()}
         seen.append((cache.data_ptrs(), set(ptrs) <= bound, position, ids.shape[1]))
         return out
