@@ -487,11 +487,11 @@ def test_cli_ctrl_c_stops_cleanly_with_timings(toy, capsys, monkeypatch):
     calls = {"n": 0}
     forward = Model.forward
 
-    def interrupt_on_fifth(self, ids, position):
+    def interrupt_on_fifth(self, ids, position, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return forward(self, ids, position)
+        return forward(self, ids, position, **kwargs)
 
     monkeypatch.setattr(Model, "forward", interrupt_on_fifth)
     with pytest.raises(typer.Exit) as exit_info:
