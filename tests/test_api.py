@@ -100,12 +100,12 @@ def test_errors_are_perseus_errors(lm, tmp_path):
 
 
 def test_prompt_longer_than_a_prefill_chunk(folder, make_checkpoint):
-    """low_memory prefills 64 tokens per run: a 150-token prompt takes three chunks, and its logits
+    """low_memory prefills 32 tokens per run: a 150-token prompt takes five chunks, and its logits
     and greedy tokens equal one PyTorch pass over the whole sequence."""
     import torch
 
     from perseus_edge.checkpoint import load_checkpoint
-    from perseus_edge.runtime.generate import PREFILL_CHUNK_LOW_MEMORY
+    from perseus_edge.runtime.model import PREFILL_CHUNK_LOW_MEMORY
 
     small = perseus_edge.load(folder, threads=1, low_memory=True)
     ids = [int(i) for i in np.arange(150) * 37 % small.tokenizer.get_vocab_size()]

@@ -114,6 +114,15 @@ def test_scheme_logits_close_to_fp32(exported, quantized, scheme, options):
     assert err > 0 or scheme == "fp16"  # something was actually quantized
 
 
+def test_quantized_folders_prefill_in_the_smaller_chunk(quantized):
+    """The runtime's prompt chunk: 64 rows for quantized weights, where activations are most of
+    the peak; fp32 folders take 128 (test_runtime)."""
+    from perseus_edge.runtime.model import PREFILL_CHUNK, Model
+
+    for scheme in ("int8", "int4", "fp16"):
+        assert Model(quantized(scheme), threads=1).prefill_chunk == PREFILL_CHUNK
+
+
 def test_variant_config_tied_embeddings_low_rank_query_dense_layer(make_checkpoint, tmp_path):
     """Every optional branch of the exporter at once (as in test_export): a low-rank query, tied
     embeddings (the shared table and the Gemm head stay fp32), a dense first layer, unnormalised

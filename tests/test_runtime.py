@@ -583,11 +583,13 @@ def test_parity_with_pytorch_reference(arch, export_arch, make_checkpoint):
 def test_last_only_prefill_is_the_last_row(exported, toy):
     """`forward(last_only=True)` equals the last row of every-row logits; an exported graph computes
     that row alone (logits_rows), a folder from before logits_rows (the toy) is sliced after the run."""
-    from perseus_edge.runtime.model import Model
+    from perseus_edge.runtime.model import PREFILL_CHUNK_FP32, PREFILL_CHUNK_LOW_MEMORY, Model
 
+    assert Model(exported, threads=1, low_memory=True).prefill_chunk == PREFILL_CHUNK_LOW_MEMORY
     for folder, graph_rows in ((exported, True), (toy, False)):
         model = Model(folder, threads=1)
         assert model.spec.logits_rows is graph_rows
+        assert model.prefill_chunk == PREFILL_CHUNK_FP32  # both hold fp32 weights (kind "onnx")
         ids = np.arange(3, 40, dtype=np.int64)[None] % model.spec.vocab_size
         full = model.forward(ids, 0).copy()
         # with logits_rows the session writes one row into a [1, 1, vocab] buffer (onnxruntime

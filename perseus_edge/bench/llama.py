@@ -59,6 +59,7 @@ class LlamaCppBackend:
         self.token_p = ctypes.POINTER(L.llama_token)
         self.base = ctypes.addressof(self.tokens)
         self.valid = 0  # leading cache positions that hold prompt[:valid]
+        self.chunk = BATCH  # prompt tokens per llama_decode call, as llama-bench feeds them
 
     def reset(self, depth: int) -> None:
         """Leave exactly prompt[:depth] in the cache: drop the cells at positions >= depth, and

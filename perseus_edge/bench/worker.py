@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-from perseus_edge.runtime.generate import PREFILL_CHUNK as CHUNK  # prompt tokens per call, as `perseus run`
 
 
 class OnnxBackend:
@@ -55,6 +54,7 @@ class OnnxBackend:
         self.params = self.model.config.param_counts()["total"]
         self.n_vocab = self.model.config.vocab_size
         self.ids = prompt[None, :]
+        self.chunk = self.model.prefill_chunk  # prompt tokens per call, as `perseus run` feeds them
 
     def reset(self, depth: int) -> None:
         """Nothing to do: rows past `depth` are masked by the graph and rewritten by the test."""
@@ -83,9 +83,10 @@ class Worker:
             self.run(0, depth)
         self.load_s = time.perf_counter() - t0
 
-    def run(self, start: int, n: int, step: int = CHUNK) -> float:
-        """prompt[start:start+n] through the model, `step` tokens per call; seconds taken."""
-        forward, stop = self.backend.forward, start + n
+    def run(self, start: int, n: int, step: int | None = None) -> float:
+        """prompt[start:start+n] through the model, `step` tokens per call (default: the backend's
+        own prompt chunk); seconds taken."""
+        forward, stop, step = self.backend.forward, start + n, step or self.backend.chunk
         t0 = time.perf_counter()
         for s in range(start, stop, step):
             forward(s, min(s + step, stop))
@@ -96,7 +97,7 @@ class Worker:
             raise ValueError(f"{kind}{n} at depth {depth} needs {depth + n} positions; the model holds "
                              f"{self.backend.max_context}")
         self.backend.reset(depth)
-        return n / self.run(depth, n, CHUNK if kind == "pp" else 1)
+        return n / self.run(depth, n, None if kind == "pp" else 1)
 
     def handle(self, req: dict) -> dict:
         cmd = req.get("cmd")

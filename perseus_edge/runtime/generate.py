@@ -31,12 +31,6 @@ from perseus_edge.runtime.stream import StopFilter, TextStream, token_bytes_tabl
 from perseus_edge.runtime.timings import Timings, anon_rss_bytes, now, peak_rss_bytes
 
 TRUNCATE = ("none", "left")
-# Prompt tokens per graph run. It bounds the activations, which grow with chunk x cached rows
-# (attention scores [chunk * heads, rows]): 54M int8, 768 cached tokens then pp256, peak RSS
-# 310 MiB in chunks of 512, 236 of 256, 174 of 64, at the same prefill speed at 1 thread (fp32 at
-# 2 threads: ~10% slower from 256 to 64; studies/perf/README.md, section 7).
-PREFILL_CHUNK = 64
-PREFILL_CHUNK_LOW_MEMORY = 32
 
 
 @dataclass
@@ -61,7 +55,7 @@ class Generator:
         self.tokenizer = self.model.tokenizer
         self.eos_ids = set(self.model.folder.eos_ids)
         self._bytes = token_bytes_table(self.tokenizer)
-        self.prefill_chunk = PREFILL_CHUNK_LOW_MEMORY if low_memory else PREFILL_CHUNK
+        self.prefill_chunk = self.model.prefill_chunk
         self.last_result: Result | None = None
 
     @property

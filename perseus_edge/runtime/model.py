@@ -26,6 +26,15 @@ from perseus_edge.runtime.cache import KVCache
 from perseus_edge.modelfile.reader import ModelFolder, open_folder
 from perseus_edge.runtime.session import GraphSpec, create_session, default_threads
 
+# Prompt tokens per graph run (`Model.prefill_chunk`). The chunk bounds the activations, which grow
+# with chunk x cached rows (attention scores [chunk * heads, rows]): 54M int8, 768 cached tokens
+# then pp256, peak RSS 310 MiB in chunks of 512, 236 of 256, 174 of 64, at the same prompt speed
+# (studies/perf/README.md, section 7). Unquantized fp32 weights run taller GEMMs faster (+7-17%
+# prompt speed from 64 to 128 rows, section 8), and their own size dwarfs the extra activations.
+PREFILL_CHUNK = 64
+PREFILL_CHUNK_FP32 = 128
+PREFILL_CHUNK_LOW_MEMORY = 32
+
 
 class _Rows:
     """An IO binding over cache slots slot..slot+n-1, with its preallocated one-token buffers."""
@@ -81,6 +90,9 @@ class Model:
         if batch < 1:
             raise PerseusError(f"batch must be at least 1, got {batch}")
         self.session = create_session(self.folder, threads, low_memory, session_config, profile)
+        fp32 = self.folder.manifest.get("kind") == mf.KIND_ONNX  # quantized folders are onnx-<scheme>
+        self.prefill_chunk = (PREFILL_CHUNK_LOW_MEMORY if low_memory
+                              else PREFILL_CHUNK_FP32 if fp32 else PREFILL_CHUNK)
         self.spec = GraphSpec.from_session(self.session, self.folder)
         self.batch = batch
         self.cache = KVCache(self.spec.caches, self.spec.max_context, batch)

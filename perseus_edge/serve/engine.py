@@ -32,7 +32,6 @@ import numpy as np
 
 from perseus_edge.errors import PerseusError
 from perseus_edge.modelfile.reader import ModelFolder
-from perseus_edge.runtime.generate import PREFILL_CHUNK, PREFILL_CHUNK_LOW_MEMORY
 
 PREFILL_CHUNK_SHARED = 64  # prompt tokens per step while other requests decode
 from perseus_edge.runtime.model import Model
@@ -101,7 +100,7 @@ class Engine:
         self.slots = slots
         self.max_waiting = max_waiting
         self.eos_ids = set(folder.eos_ids)
-        self.prefill_chunk = PREFILL_CHUNK_LOW_MEMORY if low_memory else PREFILL_CHUNK
+        self.prefill_chunk = self.model.prefill_chunk
         self.shared_chunk = min(self.prefill_chunk, PREFILL_CHUNK_SHARED)
         self._bytes = token_bytes_table(folder.tokenizer)
         self._waiting: deque[Job] = deque()
