@@ -174,11 +174,13 @@ def claims(by: dict) -> dict:
     }
 
 
-def models(by: dict, before: dict) -> dict:
+def models(by: dict, before: dict, landed: dict) -> dict:
     out = {}
     for p, run in (("17m", R17), ("54m", R54)):
         r = by[run]
+        cpu = landed.get(BEFORE[p], {})
         out[p] = {"run": run, "test_loss": r["test_loss"], "test_ppl": r["test_ppl"], "goal_ppl": GOALS[p],
+                  "landed_cpu_ppl": cpu.get("ppl") if cpu.get("run") == run else None,
                   "met": r["test_ppl"] <= GOALS[p], "before_ppl": before[BEFORE[p]]["ppl"], "before_key": BEFORE[p],
                   "same_windows": (before[BEFORE[p]]["seq_len"], before[BEFORE[p]]["tokens"]) == (r["test_seq_len"], r["test_tokens"])}
     big = by[R202]
@@ -276,9 +278,13 @@ def write_readme(runs, attempts, device, mod, cl, pl, mem, c2, c2_muon) -> str:
              f"commit only if it beats the 54m | {'beats' if big['beats_54m'] else 'does not beat'} the 54m |")
     L += ["", f"- 17m: test perplexity {mod['17m']['before_ppl']:.2f} -> **{mod['17m']['test_ppl']:.2f}**; these weights "
           "replace the embedded default (`perseus_edge/assets/default`).",
-          f"- 54m: {mod['54m']['before_ppl']:.2f} -> **{mod['54m']['test_ppl']:.2f}**. The new 54M weights are kept for a later "
-          "commit of their own: one commit replacing both models is over the submission's size limit, so "
-          "`models/perseus-54m-moe-mla-rope` is still campaign 2's model.",
+          f"- 54m: {mod['54m']['before_ppl']:.2f} -> **{mod['54m']['test_ppl']:.2f}**. " + (
+              f"These weights replace `models/perseus-54m-moe-mla-rope`, in a submission of their own (one replacing "
+              f"both models was over the submission's size limit); `perseus eval` of the committed folder on the CPU "
+              f"gives {mod['54m']['landed_cpu_ppl']:.2f} (test_ppl.json, \"landed\")."
+              if mod["54m"]["landed_cpu_ppl"] else
+              "The new 54M weights are kept for a later commit of their own: one commit replacing both models is "
+              "over the submission's size limit, so `models/perseus-54m-moe-mla-rope` is still campaign 2's model."),
           f"- 202m: best valid loss at step {big['best_step']} ({pl['202m']['best_epochs']:.2f} epochs), then it overfits "
           f"(next section); test perplexity {big['test_ppl']:.2f} of its best weights "
           f"{'beats' if big['beats_54m'] else 'does not beat'} the 54m's {mod['54m']['test_ppl']:.2f}, "
@@ -396,14 +402,15 @@ def write_readme(runs, attempts, device, mod, cl, pl, mem, c2, c2_muon) -> str:
     return "\n".join(L) + "\n"
 
 
-def report(before: dict, c2_arch: dict, c2_muon: dict) -> list[dict]:
+def report(before: dict, c2_arch: dict, c2_muon: dict, landed: dict) -> list[dict]:
     """Write README.md, campaign3.json and the plot; return the run records (for summary.json).
     `before`: test_ppl.json's entries of the models committed before this campaign; `c2_arch`,
-    `c2_muon`: campaign 2's arch_54m.json and muon_vs_adamw.json."""
+    `c2_muon`: campaign 2's arch_54m.json and muon_vs_adamw.json; `landed`: test_ppl.json's CPU
+    evals of this campaign's weights once committed."""
     device = json.loads((RAW / "device.json").read_text())
     runs, attempts = load(device)
     by = {r["name"]: r for r in runs}
-    mod, cl, pl, mem = models(by, before), claims(by), plateau(by, device), oom_memory(attempts)
+    mod, cl, pl, mem = models(by, before, landed), claims(by), plateau(by, device), oom_memory(attempts)
     plot(runs, device["prepare"]["train_tokens"])
     (RESULTS / "campaign3.json").write_text(json.dumps(
         {"models": mod, "seed_claims": cl, "plateau": pl, "oom": mem, "attempts_died": attempts,

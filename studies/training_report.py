@@ -6,7 +6,8 @@ Campaign 3 (issue 16, raw/campaign3) -> README.md, the main report; campaign 2 (
 ddp, balance) -> README-campaign2.md with its json and plots; campaign 1 (raw/call1-4) is kept as
 written, README-campaign1.md. Both generators also feed summary.json (one record per run, with
 its campaign) and test_ppl.json's "campaign3" entry (the test loss of each campaign-3 run's kept
-weights); test_ppl.json's other entries are the models committed before campaign 3.
+weights); its "landed" entry is the CPU `perseus eval` of those weights once committed, the other
+entries are the models committed before campaign 3.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ RESULTS = training_campaign2.RESULTS
 def main() -> None:
     c2 = training_campaign2.report()
     test_ppl = json.loads((RESULTS / "test_ppl.json").read_text())
-    before = {k: v for k, v in test_ppl.items() if k != "campaign3"}
+    before = {k: v for k, v in test_ppl.items() if k not in ("campaign3", "landed")}
     c3 = training_campaign3.report(before, json.loads((RESULTS / "arch_54m.json").read_text()),
-                                   json.loads((RESULTS / "muon_vs_adamw.json").read_text()))
+                                   json.loads((RESULTS / "muon_vs_adamw.json").read_text()), test_ppl.get("landed", {}))
     records = [{"campaign": 2, **r} for r in c2] + c3
     (RESULTS / "summary.json").write_text(
         json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in records], indent=1) + "\n")
