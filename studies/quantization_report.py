@@ -61,12 +61,14 @@ def perseus(*args: str, capture: bool = True) -> str:
 
 
 def data_dir() -> Path:
-    """A data folder holding the test split ($PERSEUS_DATA_DIR, the repo copy, the shared one)."""
-    for d in (os.environ.get("PERSEUS_DATA_DIR"), REPO / "data" / "gutenberg",
-              REPO.parent / "shared" / "data" / "gutenberg"):
-        if d and (Path(d) / "test.txt.xz").is_file():
-            return Path(d)
-    raise SystemExit("no data folder with test.txt.xz: set PERSEUS_DATA_DIR")
+    """The folder `perseus eval` reads ($PERSEUS_DATA_DIR, else the full corpus beside the checkout,
+    else the sample committed with the repository, which holds the whole test split)."""
+    from perseus_edge.data import resolve_data_dir
+
+    d = resolve_data_dir()
+    if not (d / "test.txt.xz").is_file():
+        raise SystemExit(f"no test.txt.xz in {d}: set PERSEUS_DATA_DIR")
+    return d
 
 
 def folder_bytes(folder: Path) -> tuple[int, int]:
@@ -134,7 +136,7 @@ def run_model(name: str, fp32: Path, work: Path, batches: int, args, schemes, ex
         records.append({"model": name, "scheme": label, "export_target": export_target, "kind": manifest["kind"],
                         "ppl": res["ppl"], "loss": res["loss"], "tokens": res["tokens"], "size_bytes": size,
                         "weights_bytes": weights, "quantization": manifest.get("quantization"),
-                        "folder": str(folder)})
+                        "lowering": manifest.get("lowering"), "folder": str(folder)})
     speed = measure_decode(folders, args.threads, args.decode_tokens, args.rounds)
     base = next(r for r in records if r["scheme"] == "fp32")
     for r in records:
@@ -206,8 +208,16 @@ def environment(args, elapsed: float) -> dict:
     return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "python": platform.python_version(),
             "cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "load_average_at_end": load,
             "decode_tokens": args.decode_tokens, "rounds": args.rounds, "minutes": round(elapsed / 60, 1),
-            "batches_17m": args.batches_17m, "batches_54m": args.batches_54m,
+            "batches_17m": args.batches_17m, "batches_54m": args.batches_54m, "data": _shown(data_dir()),
             "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _shown(path: Path) -> str:
+    """A path as the report prints it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -298,11 +308,12 @@ def readme(records: list[dict], env: dict) -> str:
     dp, mp = by["default-17m"], by["54m-trained"]
     tokens17, tokens54 = dp["fp32"]["tokens"], mp["fp32"]["tokens"]
     q = dp["int4"]["quantization"] or {}
-    qmoe = {short: r["quantization"].get("qmoe") or {} for name, short, *_ in MODELS for r in records
-            if r["model"] == name and r["export_target"] == "ort-cpu" and r["scheme"] == "int4"}
-    qmoe_note = ("; ".join(f"{short}: 4-bit blocks of {qm.get('block_size')}, expert width zero-padded from "
-                           f"{qm.get('expert_width')} to {qm.get('padded_width')}" for short, qm in qmoe.items())
-                 + ", which the kernel's blocking needs") if qmoe else "no ort-cpu rows in this run"
+    qmoe = {(short, r["scheme"]): (r.get("lowering") or {}).get("qmoe") or {} for name, short, *_ in MODELS
+            for r in records if r["model"] == name and r["export_target"] == "ort-cpu" and r["scheme"] in ("int8", "int4")}
+    qmoe_note = ("; ".join(f"{short} {scheme}: {qm.get('bits')}-bit blocks of {qm.get('block_size')}, expert width "
+                           f"zero-padded from {qm.get('expert_width')} to {qm.get('padded_width')}"
+                           for (short, scheme), qm in qmoe.items())
+                 + ": the kernel's blocking needs whole blocks") if qmoe else "no ort-cpu rows in this run"
     sections = "\n".join(model_section(name, short, ckpt, records) for name, short, ckpt, _ in MODELS)
     return f"""# Quantization report
 
@@ -310,9 +321,10 @@ Produced by `python studies/quantization_report.py` ({env['minutes']} min, {env[
 `quality.json`, plot `size_vs_ppl.png`. Machine: {env['cpu']}, {env['cores']} cores shared with other
 jobs (load average at the end {', '.join(f'{x:.1f}' for x in env['load_average_at_end'] or [])}),
 onnxruntime {env['onnxruntime']} CPU EP, {env['threads']} threads. Design and routes: `quantize/README.md`.
-Both models are trained checkpoints, so every Δppl below is a quality number. The 17M saw 104.9M
-tokens (~6 per parameter), the 54M 5.7M (~0.1; models/README.md, studies/results/training/): the
-longer-trained 17M loses more to int4 (+2.8%; +1.1% when it had seen 3.6M tokens).
+Both models are trained checkpoints, so every Δppl below is a quality number. Both saw 104.9M
+tokens (the 17M ~6 per parameter, the 54M ~2; models/README.md, studies/results/training/), and
+both lose more to int4 ({_pct(dp['int4']['ppl_delta_pct'])} and {_pct(mp['int4']['ppl_delta_pct'])}) than they did after
+3.6M / 5.7M tokens (+1.1% / +0.67%): a longer-trained model has less slack for rounding.
 
 * **Perplexity**: `perseus eval DIR --split test --json --max-batches N` (held-out books; windows of 256
   tokens, batches of 8): **{tokens17:,} tokens** for the 17M model ({env['batches_17m']} batches), **{tokens54:,}**
@@ -350,7 +362,7 @@ A true fp16-compute graph did not load on the CPU EP: onnxconverter-common's
 after inlining the functions some fp32 constants remain (`Mul` bound to float16 and float).
 
 `ort-cpu` rows: the exporter's lowering of the MoE to `com.microsoft.MoE`; quantized, the experts go to
-`com.microsoft.QMoE` (8-bit per column for int8; for int4 {qmoe_note}).
+`com.microsoft.QMoE` ({qmoe_note}).
 
 ## Commands
 
@@ -368,7 +380,7 @@ python studies/quantization_report.py --decode $W/default/int4 --threads {env['t
 ```
 
 `--target` is `auto` (here: avx512_vnni); `$DATA` is a folder holding `test.txt.xz`
-(here `/work/shared/data/gutenberg`, which `perseus eval` also finds without `--data-dir`).
+(here `{env.get('data', '?')}`, which `perseus eval` also finds without `--data-dir`).
 """
 
 if __name__ == "__main__":
