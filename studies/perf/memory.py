@@ -20,6 +20,7 @@ SETTINGS = {
     "default": {},
     "no prepacking": {"config": {"session.disable_prepacking": "1"}},
     "low_memory": {"low_memory": True},
+    "low_memory, prepacking on": {"low_memory": True, "config": {"session.disable_prepacking": "0"}},
 }
 
 CHILD = r"""
@@ -36,7 +37,8 @@ m = Model(folder, threads=1, verify=False, low_memory=setting.get("low_memory", 
           session_config=setting.get("config"))
 out["session"] = rss()
 ids = (np.arange(prefill) * 7919 % m.spec.vocab_size)[None]
-logits = m.forward(ids, 0, last_only=True)
+for s in range(0, prefill, m.prefill_chunk):  # the runtime's prompt chunk, as `perseus run`
+    logits = m.forward(ids[:, s:s + m.prefill_chunk], s, last_only=True)
 token = np.array([[int(logits[0, -1].argmax())]])
 t0 = time.perf_counter()
 for i in range(decode):
