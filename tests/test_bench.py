@@ -7,28 +7,14 @@ import csv
 import io
 import json
 import subprocess
-import sys
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from perseus_edge.bench import graphinfo
-from perseus_edge.bench.rounds import Test, make_tests, run_rounds, schedule
-
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked for this test")
-        return None
-sys.meta_path.insert(0, _NoTorch())
-import perseus_edge.cli
-sys.argv = ["perseus"] + sys.argv[1:]
-perseus_edge.cli.main()
-"""
-
+from perseus_edge.bench.rounds import make_tests, run_rounds, schedule
+from no_torch import CLI, run_without_torch  # tests/no_torch.py
 
 @pytest.fixture(scope="module")
 def folders(make_checkpoint, tmp_path_factory):
@@ -41,7 +27,7 @@ def folders(make_checkpoint, tmp_path_factory):
 
 def perseus(*args: str) -> subprocess.CompletedProcess:
     """The real CLI in a fresh process where torch cannot be imported."""
-    return subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], capture_output=True, text=True, timeout=300)
+    return run_without_torch(CLI, *args)
 
 
 def bench_app() -> typer.Typer:

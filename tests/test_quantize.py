@@ -39,6 +39,7 @@ from onnx import numpy_helper  # noqa: E402
 from perseus_edge.build import export_checkpoint, quantize_model  # noqa: E402
 from perseus_edge.quantize import weights as qw  # noqa: E402
 from perseus_edge.runtime.model import Model  # noqa: E402
+from no_torch import run_without_torch  # noqa: E402  (tests/no_torch.py)
 
 PROMPT, STEPS = 24, 16
 REL_TOL = {"int8": 0.05, "int4": 0.25, "fp16": 1e-3, "fp32": 0.01}  # fp32 = weights fp32 + int8 cache
@@ -529,12 +530,6 @@ def test_cli_quantize_and_torch_free(exported, tmp_path):
     onnx + onnxruntime + numpy only."""
     out = tmp_path / "int4"
     code = textwrap.dedent(f"""
-        import sys
-        class _NoTorch:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked for this test")
-        sys.meta_path.insert(0, _NoTorch())
         import perseus_edge.cli
         sys.argv = ["perseus", "quantize", {str(exported())!r}, "-o", {str(out)!r}, "--scheme", "int4",
                     "--kv-cache", "int8", "--isa", "arm64"]
@@ -544,7 +539,7 @@ def test_cli_quantize_and_torch_free(exported, tmp_path):
             assert not e.code, e.code
         assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = run_without_torch(code, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "quantized" in proc.stdout and "int4-kv8" in proc.stdout and "arm64" in proc.stdout
     assert verify_folder(out)[mf.QUANT_META]["isa"] == "arm64"

@@ -23,6 +23,7 @@ import pytest
 from perseus_edge.errors import PerseusError
 from perseus_edge.sampling import Sampler
 from perseus_edge.runtime.stream import StopFilter, TextStream, token_bytes_table
+from no_torch import run_without_torch  # tests/no_torch.py
 
 TOY_CONTEXT = 64
 UNICODE_TEXT = ("Once upon a time — naïve café crème, 東京タワー, 你好世界, 🤖🌊👩‍👩‍👧 and ½ × ∞. "
@@ -506,19 +507,8 @@ def test_cli_ctrl_c_stops_cleanly_with_timings(toy, capsys, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- torch-free
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked for this test")
-        return None
-sys.meta_path.insert(0, _NoTorch())
-"""
-
-
 def test_runtime_runs_without_torch(toy, exported_or_toy):
-    code = BLOCK_TORCH + textwrap.dedent(f"""
+    code = textwrap.dedent(f"""
         try:
             import torch
             raise SystemExit("torch was importable")
@@ -539,7 +529,7 @@ def test_runtime_runs_without_torch(toy, exported_or_toy):
         assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
         print("ok", res.tokens)
     """)
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    p = run_without_torch(code, timeout=120)
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr
 
 
