@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -81,19 +81,18 @@ def prompt_for(models: list[Model], n_tokens: int) -> list[int]:
     return prompt_ids(next((f for f in folders if f.is_file()), DEFAULT_TOKENIZER), n_tokens)
 
 
-class WorkerProcess:
-    """A `worker.py` process: send a request line, read the answer line."""
+class LineWorker:
+    """A process running `python -m MODULE` that speaks `worker.serve`'s line protocol: `ask`
+    sends one request line and returns the answer; the first answer (to `spec`) is `info`."""
 
-    def __init__(self, model: Model, threads: int, prompt: list[int], depth: int):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
-        self.model, self.threads = model, threads
+    def __init__(self, module: str, spec: dict, where: str, env: dict | None = None):
+        self.where = where  # names the worker in errors
         self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr (a pipe could fill and block)
-        self.proc = subprocess.Popen([sys.executable, "-m", "perseus_edge.bench.worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-        self.info = self.ask({"path": str(model.path), "threads": threads, "prompt": prompt, "depth": depth})
+        self.proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, env=env)
+        self.info = self.ask(spec)
 
     def ask(self, req: dict) -> dict:
-        where = f"{self.model.path} ({self.threads} threads)"
         try:
             self.proc.stdin.write(json.dumps(req) + "\n")
             self.proc.stdin.flush()
@@ -104,10 +103,10 @@ class WorkerProcess:
             code = self.proc.wait()
             self.log.seek(0)
             tail = " ".join(self.log.read().strip().splitlines()[-3:])[-400:]
-            raise PerseusError(f"{where}: worker died (exit code {code}): {tail}")
+            raise PerseusError(f"{self.where}: worker died (exit code {code}): {tail}")
         out = json.loads(line)
         if "error" in out:
-            raise PerseusError(f"{where}: {out['error']}")
+            raise PerseusError(f"{self.where}: {out['error']}")
         return out
 
     def close(self) -> None:
@@ -117,6 +116,17 @@ class WorkerProcess:
         except Exception:  # noqa: BLE001
             self.proc.kill()
         self.log.close()
+
+
+class WorkerProcess(LineWorker):
+    """A `perseus_edge.bench.worker` process for one model at one thread count."""
+
+    def __init__(self, model: Model, threads: int, prompt: list[int], depth: int):
+        self.model, self.threads = model, threads
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
+        super().__init__("perseus_edge.bench.worker",
+                         {"path": str(model.path), "threads": threads, "prompt": prompt, "depth": depth},
+                         f"{model.path} ({threads} threads)", env)
 
 
 def schedule(n_workers: int, tests: list[Test], reps: int) -> list[tuple[int, Test, int]]:

@@ -116,8 +116,13 @@ class Worker:
                 "params": int(b.params), "max_context": int(b.max_context), "load_s": self.load_s}
 
 
-def serve(stdin=None, out=None) -> None:
+def serve(stdin=None, out=None, make=None) -> None:
+    """The worker side of the bench's line protocol: the first line is the worker's spec, answered
+    by `ready()`; each later line is a request, answered by `handle(request)`; a failure comes back
+    as {"error": its first line}. `make` builds the worker from the spec (default `Worker`; the
+    CPU study in studies/cpu runs its own workers through this loop)."""
     stdin = stdin or sys.stdin
+    make = make or Worker
     if out is None:  # answers on a private copy of stdout; library chatter goes to stderr
         out = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)
@@ -130,7 +135,7 @@ def serve(stdin=None, out=None) -> None:
     if not line:
         return
     try:
-        worker = Worker(json.loads(line))
+        worker = make(json.loads(line))
     except Exception as e:  # noqa: BLE001 - reported to the parent, which names the model
         answer({"error": _message(e)})
         return

@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from perseus_edge.bench.rounds import LineWorker
 from perseus_edge.errors import PerseusError
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: studies.cpu.worker is imported from it
@@ -150,7 +150,7 @@ def quantizer() -> Callable | None:
     return getattr(build, "quantize_model", None)
 
 
-def _quantize(src: Path, out: Path, scheme: str, log) -> Path:
+def _quantize(src: Path, out: Path, scheme: str, target: str, log) -> Path:
     from perseus_edge.manifest import read_manifest, sha256_file
 
     stamp = out.parent / f"{out.name}.source-sha256"  # beside the folder: its manifest stays exact
@@ -164,7 +164,7 @@ def _quantize(src: Path, out: Path, scheme: str, log) -> Path:
     log(f"  quantize {src.name} {scheme} -> {out}")
     if out.exists():
         shutil.rmtree(out)
-    result = quantizer()(src, out, scheme)
+    result = quantizer()(src, out, scheme, target=target)
     out = Path(result) if isinstance(result, (str, os.PathLike)) else out
     stamp.write_text(src_sha + "\n")
     return out
@@ -200,7 +200,7 @@ def prepare_subject(key: str, source: str, arch: str | None, cfg: BenchConfig, t
             if q is None:
                 continue
             try:
-                subj.folders[(target, scheme)] = _quantize(folder, folder.parent / f"{target}-{scheme}", scheme, log)
+                subj.folders[(target, scheme)] = _quantize(folder, folder.parent / f"{target}-{scheme}", scheme, target, log)
             except Exception as e:  # noqa: BLE001 - a quantizer failure is reported, not fatal
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 subj.notes.append(f"quantize {target} {scheme} failed: {first}")
@@ -215,41 +215,17 @@ def _ckpt_tag(ckpt: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- workers
-class WorkerProcess:
-    """A `worker.py` process: send a request line, read the answer line."""
+class WorkerProcess(LineWorker):
+    """A `studies.cpu.worker` process (torch or onnxruntime backend) for one job and thread count."""
 
     def __init__(self, backend: str, path: Path, threads: int, prompt: list[int], env: dict | None = None,
                  spin: int | None = None):
         path_env = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    OPENBLAS_NUM_THREADS="1", PYTHONPATH=path_env, **(env or {}))
-        self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr (a pipe could fill and block)
-        self.proc = subprocess.Popen([sys.executable, "-m", "studies.cpu.worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-        self.ready = self.ask({"backend": backend, "path": str(path), "threads": threads, "prompt": prompt,
-                               "spin": spin})
-
-    def ask(self, req: dict) -> dict:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            code = self.proc.wait()
-            self.log.seek(0)
-            tail = self.log.read()[-1500:].strip()
-            raise PerseusError(f"benchmark worker died (exit code {code}) on {req.get('cmd', 'load')}: {tail}")
-        out = json.loads(line)
-        if "error" in out:
-            raise PerseusError(f"benchmark worker: {out['error']}")
-        return out
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
-        except Exception:  # noqa: BLE001
-            self.proc.kill()
-        self.log.close()
+        super().__init__("studies.cpu.worker", {"backend": backend, "path": str(path), "threads": threads,
+                                                "prompt": prompt, "spin": spin},
+                         f"benchmark worker {backend} {path} ({threads} threads)", env)
 
 
 @dataclass
@@ -270,7 +246,8 @@ class Job:
             return f"OMP {self.env.get('OMP_WAIT_POLICY', 'default').lower()}"
         if self.threads == 1:
             return "-"
-        spinning = self.spin if self.spin is not None else 0  # the runtime never spins (session.py)
+        default = 0 if os.environ.get("PERSEUS_SPIN") == "0" else 1  # the runtime's choice (session.py)
+        spinning = self.spin if self.spin is not None else default
         return "ORT spin" + ("" if spinning else " off") + (" (runtime default)" if self.spin is None else "")
 
 
@@ -428,7 +405,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
         for target in cfg.targets:
             path = subj.folders[(target, "fp32")]
             jobs += [Job(subj, backend_name(target), "fp32", target, path, threads_max),
-                     Job(subj, backend_name(target), "fp32", target, path, threads_max, spin=1)]
+                     Job(subj, backend_name(target), "fp32", target, path, threads_max, spin=0)]
         log(f"  threading policies, {subj.label}, threads {threads_max}: {len(jobs)} workers")
         records += run_group(jobs, tests, cfg.reps, prompt, "threading", log)
 

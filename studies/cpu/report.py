@@ -71,7 +71,7 @@ def summary_table(records: list[dict]) -> str:
     if not main:
         return ""
     threads = sorted({r["threads"] for r in main})
-    out_cols, keys = [], []
+    keys = []
     for m in sorted({r["model"] for r in main}):
         ctxs = sorted({r["context"] for r in main if r["model"] == m and r["test"] == "tg"})
         pps = sorted({r["n_tokens"] for r in main if r["model"] == m and r["test"] == "pp"})
@@ -370,7 +370,7 @@ def verdicts(result: dict) -> list[str]:
                    if worst["speedup"] < GOAL_INT8_VS_TORCH else ".")
                 + f" Both at {threads} threads (onnx-ort-cpu int8 / torch): {fmt(pick('int8'))}"
                 + (f"; both at 1 thread: {fmt(pick('int8', t=1))}. " if threads != 1 and pick('int8', t=1) else ". ")
-                + (f"int4, best vs best: " + ", ".join(f"@{b['context']} {b['speedup']:.2f}x" for b in int4) + ". "
+                + ("int4, best vs best: " + ", ".join(f"@{b['context']} {b['speedup']:.2f}x" for b in int4) + ". "
                    if int4 else "")
                 + f"Torch runs with OMP_WAIT_POLICY={result['meta']['config'].get('torch_omp_policy') or 'unset'}"
                 + _omp_note(recs) + ". Run-to-run noise is ±20–50% (min–max in the tables).")
@@ -573,8 +573,8 @@ def readme(result: dict) -> str:
         "",
         "One group (interleaved rounds). `OMP active` = OMP_WAIT_POLICY=ACTIVE (libgomp spin-waits; unset "
         f"behaves alike); `OMP passive` = OMP_WAIT_POLICY=PASSIVE. The torch rows elsewhere use {policy}. "
-        "`ORT spin off (runtime default)` = `perseus_edge.runtime` as shipped (`session.intra_op.allow_spinning` "
-        "off, chosen from this comparison); `ORT spin` = the same session with spinning on. How much spinning costs depends "
+        "`ORT spin (runtime default)` = `perseus_edge.runtime` as shipped (`session.intra_op.allow_spinning` "
+        "on; `PERSEUS_SPIN=0` turns it off); `ORT spin off` = the same session with spinning off. How much spinning costs depends "
         "on what else runs at that moment: when the second core is busy, a spinning thread competes with the "
         "thread that has work (exploratory runs at load ~4-5 in studies/cpu/README.md).",
         "",
@@ -703,6 +703,8 @@ def plot_footprint(fps: list[dict], path: str | Path, title: str = "memory footp
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from perseus_edge.bench.footprint import bar_segments
 
     segs = [bar_segments(fp) for fp in fps]
     keys = [k for k in SEGMENT_COLORS if any(k in s for s in segs)]

@@ -33,12 +33,11 @@ cache tensors are immutable (each step concatenates into new ones).
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 
 import numpy as np
+
+from perseus_edge.bench.worker import serve
 
 
 def rss_now() -> dict:
@@ -147,6 +146,10 @@ class Worker:
             elapsed += time.perf_counter() - t0
         return n / elapsed
 
+    def ready(self) -> dict:
+        return {"ready": True, "load_s": self.load_s, "max_context": self.backend.max_context,
+                "cache_bytes": int(self.backend.cache_bytes), **rss_now()}
+
     def handle(self, req: dict) -> dict:
         cmd = req.get("cmd")
         if cmd == "pp":
@@ -159,34 +162,5 @@ class Worker:
         raise ValueError(f"unknown request {req!r}")
 
 
-def serve(stdin=None, out=None) -> None:
-    stdin = stdin or sys.stdin
-    if out is None:  # answers on a private copy of stdout; library chatter goes to stderr
-        out = os.fdopen(os.dup(1), "w")
-        os.dup2(2, 1)
-
-    def answer(obj: dict) -> None:
-        out.write(json.dumps(obj) + "\n")
-        out.flush()
-
-    line = stdin.readline()
-    if not line:
-        return
-    try:
-        worker = Worker(json.loads(line))
-    except Exception as e:  # noqa: BLE001 - reported to the harness, which names the job
-        answer({"error": f"{type(e).__name__}: {e}"})
-        return
-    answer({"ready": True, "load_s": worker.load_s, "max_context": worker.backend.max_context,
-            "cache_bytes": int(worker.backend.cache_bytes), **rss_now()})
-    for line in stdin:
-        if not line.strip():
-            continue
-        try:
-            answer(worker.handle(json.loads(line)))
-        except Exception as e:  # noqa: BLE001
-            answer({"error": f"{type(e).__name__}: {e}"})
-
-
 if __name__ == "__main__":
-    serve()
+    serve(make=Worker)  # the bench's line protocol (perseus_edge.bench.worker), with this study's workers
