@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 class OnnxBackend:
     name = "onnxruntime"
 

@@ -15,7 +15,7 @@ Graph contract (one graph serves prefill and decode):
     inputs   input_ids   int64 [batch, seq]        tokens to process
              position    int64 [batch]             absolute position of input_ids[b, 0] per row (= tokens
                                                    that row has cached); rows may differ
-             logits_rows int64 [rows]                  which of the seq new tokens get logits (a
+             logits_rows int64 [rows]              which of the seq new tokens get logits (a
                                                    generation's prefill needs only the last one)
              past.{i}.{slot}  float [batch, max_context, ...] preallocated cache buffers, per layer i
     outputs  logits      float [batch, rows, vocab]

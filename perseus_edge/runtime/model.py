@@ -29,8 +29,9 @@ from perseus_edge.runtime.session import GraphSpec, create_session, default_thre
 # Prompt tokens per graph run (`Model.prefill_chunk`). The chunk bounds the activations, which grow
 # with chunk x cached rows (attention scores [chunk * heads, rows]): 54M int8, 768 cached tokens
 # then pp256, peak RSS 310 MiB in chunks of 512, 236 of 256, 174 of 64, at the same prompt speed
-# (studies/perf/README.md, section 7). Unquantized fp32 weights run taller GEMMs faster (+7-17%
-# prompt speed from 64 to 128 rows, section 8), and their own size dwarfs the extra activations.
+# (studies/perf/README.md, section 7). Unquantized fp32 weights run taller GEMMs faster (+9-17%
+# prompt speed from 64 to 128 rows at the start of a context, section 8), and their own size
+# dwarfs the extra activations (+9-15 MiB peak).
 PREFILL_CHUNK = 64
 PREFILL_CHUNK_FP32 = 128
 PREFILL_CHUNK_LOW_MEMORY = 32
