@@ -7,8 +7,8 @@
 
 Stages:
   1. subjects   the models: the shipped 17m checkpoint (trained) and a 54m moe-mla-rope with
-                random weights (the 54m was not trained; speed and memory do not depend on the
-                weights' values), exported to the portable and the ort-cpu targets, quantized to
+                random weights (as the architecture comparison; speed and memory do not depend
+                on the weights' values), exported to the portable and the ort-cpu targets, quantized to
                 int8 / int4 when `perseus_edge.quantize.quantize_model` exists; for the
                 architecture comparison, random 54m checkpoints of mha, mla-dense, moe-mla-rope and
                 mha-moe (`preset("54m", arch)`: equal active parameters by construction)

@@ -529,7 +529,8 @@ def readme(result: dict) -> str:
         "",
         "**Weights.** The 17m model is the trained checkpoint shipped in `perseus_edge/assets/default`. The 54m "
         "models (the moe-mla-rope rows and the architecture comparison) have **random weights** (seeded "
-        "`PerseusLM(preset('54m', arch))` saved with `save_checkpoint`): the 54m model was not trained. Speed and "
+        "`PerseusLM(preset('54m', arch))` saved with `save_checkpoint`), so that every architecture is timed alike; "
+        "the trained 54M of `models/` is timed against llama.cpp in `studies/llama_cpp/`. Speed and "
         "memory do not depend on the weights' values (the sparse MoE kernel runs top-k experts whatever they are).",
         "",
         "## Reproduce",
@@ -685,9 +686,6 @@ def write_report(result: dict, out_dir: str | Path) -> dict:
     return paths
 
 
-if __name__ == "__main__":
-    main()
-
 SEGMENT_COLORS = {
     "weights: embeddings": "#1f77b4", "weights: attention": "#aec7e8", "weights: experts": "#ff7f0e",
     "weights: shared experts": "#ffbb78", "weights: mlp": "#e377c2", "weights: router": "#2ca02c",
@@ -726,3 +724,7 @@ def plot_footprint(fps: list[dict], path: str | Path, title: str = "memory footp
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+if __name__ == "__main__":
+    main()
