@@ -5,8 +5,9 @@ its own position; the loop repeats:
 
     1. drop cancelled jobs (client gone), freeing their slots
     2. prefill: the next waiting job takes the next free slot; one chunk of its prompt is run
-       (the runtime's prefill chunk: 64 tokens, 32 in low-memory mode; at most 64 while other
-       requests decode, so a long prompt does not stall their streams); once its prompt is in,
+       (the runtime's prefill chunk, `Model.prefill_chunk`: 64 tokens quantized, 128 fp32, 32 in
+       low-memory mode; at most 64 while other requests decode, so a long prompt does not stall
+       their streams); once its prompt is in,
        its first token is sampled and it joins the decoding jobs
     3. one batched decode step over every decoding job (each row at its own position), sample a
        token per row, hand out the text; a job that is done frees its slot for a waiting one
@@ -32,11 +33,11 @@ import numpy as np
 
 from perseus_edge.errors import PerseusError
 from perseus_edge.modelfile.reader import ModelFolder
-
-PREFILL_CHUNK_SHARED = 64  # prompt tokens per step while other requests decode
 from perseus_edge.runtime.model import Model
 from perseus_edge.runtime.stream import StopFilter, TextStream, token_bytes_table
 from perseus_edge.sampling import Sampler
+
+PREFILL_CHUNK_SHARED = 64  # prompt tokens per step while other requests decode
 
 
 @dataclass
