@@ -98,7 +98,8 @@ class LanguageModel:
         ids = self._gen.encode(ids.tolist())  # range check
         if len(ids) > self.max_context:
             raise PerseusError(f"{len(ids)} tokens exceed the model's context of {self.max_context}")
-        model, chunk = self._gen.model, self._gen.prefill_chunk
+        model = self._gen.model
+        chunk = model.prefill_chunk
         rows = [model.forward(np.asarray([ids[s:s + chunk]]), s)[0].astype(np.float32, copy=True)
                 for s in range(0, len(ids), chunk)]
         return np.concatenate(rows)

@@ -16,6 +16,7 @@ from perseus_edge.bench import graphinfo
 from perseus_edge.bench.rounds import make_tests, run_rounds, schedule
 from no_torch import CLI, run_without_torch  # tests/no_torch.py
 
+
 @pytest.fixture(scope="module")
 def folders(make_checkpoint, tmp_path_factory):
     from perseus_edge.build import export_checkpoint

@@ -55,7 +55,6 @@ class Generator:
         self.tokenizer = self.model.tokenizer
         self.eos_ids = set(self.model.folder.eos_ids)
         self._bytes = token_bytes_table(self.tokenizer)
-        self.prefill_chunk = self.model.prefill_chunk
         self.last_result: Result | None = None
 
     @property
@@ -153,8 +152,9 @@ class Generator:
                 if dropped else "")
         try:
             t0 = now()
-            for s in range(0, len(ids), self.prefill_chunk):
-                logits = model.forward(np.asarray([ids[s:s + self.prefill_chunk]]), s, last_only=True)
+            chunk = model.prefill_chunk
+            for s in range(0, len(ids), chunk):
+                logits = model.forward(np.asarray([ids[s:s + chunk]]), s, last_only=True)
             last = logits[0, -1]
             timings.prompt_s, timings.prompt_tokens = now() - t0, len(ids)
             for i in range(budget):

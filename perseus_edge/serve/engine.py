@@ -101,8 +101,7 @@ class Engine:
         self.slots = slots
         self.max_waiting = max_waiting
         self.eos_ids = set(folder.eos_ids)
-        self.prefill_chunk = self.model.prefill_chunk
-        self.shared_chunk = min(self.prefill_chunk, PREFILL_CHUNK_SHARED)
+        self.shared_chunk = min(self.model.prefill_chunk, PREFILL_CHUNK_SHARED)
         self._bytes = token_bytes_table(folder.tokenizer)
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []  # decoding: job i holds cache slot i
@@ -216,7 +215,7 @@ class Engine:
         if job.cancelled:
             self._filling = None
             return
-        chunk = self.shared_chunk if self._running else self.prefill_chunk
+        chunk = self.shared_chunk if self._running else self.model.prefill_chunk
         try:
             ids = np.asarray([job.prompt[job.position:job.position + chunk]], dtype=np.int64)
             logits = self.model.forward(ids, job.position, slot=slot, last_only=True)
