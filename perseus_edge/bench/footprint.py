@@ -59,7 +59,7 @@ def probe(model_dir: str, threads: int = 1, prefill: int = 256, decode: int = 16
 
     stages = {"base": rss_now()}
     folder = open_folder(model_dir, verify=False)
-    session = create_session(folder, threads)
+    session, _ = create_session(folder, threads)
     stages["session"] = rss_now()
     spec = GraphSpec.from_session(session, folder)
     cache = KVCache(spec.caches, spec.max_context, 1)

@@ -90,7 +90,8 @@ class Model:
         self.low_memory = low_memory
         if batch < 1:
             raise PerseusError(f"batch must be at least 1, got {batch}")
-        self.session = create_session(self.folder, threads, low_memory, session_config, profile)
+        # native_kernels: the perseus ops run as the native library's kernels (runtime.kernels)
+        self.session, self.native_kernels = create_session(self.folder, threads, low_memory, session_config, profile)
         fp32 = self.folder.manifest.get("kind") == mf.KIND_ONNX  # quantized folders are onnx-<scheme>
         self.prefill_chunk = (PREFILL_CHUNK_LOW_MEMORY if low_memory
                               else PREFILL_CHUNK_FP32 if fp32 else PREFILL_CHUNK)
@@ -184,4 +185,5 @@ class Model:
 
     def __repr__(self) -> str:
         return (f"Model({self.folder.path}, {self.folder.format}, context {self.max_context}, "
-                f"threads {self.threads}, low_memory {self.low_memory}, {self.cache!r})")
+                f"threads {self.threads}, low_memory {self.low_memory}, native kernels {self.native_kernels}, "
+                f"{self.cache!r})")

@@ -1,7 +1,7 @@
 """The ONNX Runtime session of a model folder, and the graph's interface as the session reports it.
 
     folder = open_folder(path)                   # perseus_edge.modelfile.reader: sha256s, config, tokenizer
-    session = create_session(folder, threads=1, low_memory=True)
+    session, native = create_session(folder, threads=1, low_memory=True)  # native: perseus kernels
     spec = GraphSpec.from_session(session, folder)  # cache buffers, context, vocab, as the graph says
 
 The graph contract (input/output names) is `perseus_edge.modelfile`; nothing here is torch.
@@ -19,6 +19,7 @@ import numpy as np
 from perseus_edge import modelfile as mf
 from perseus_edge.errors import PerseusError
 from perseus_edge.modelfile.reader import ModelFolder
+from perseus_edge.runtime import kernels
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(bfloat16)": None, "tensor(double)": np.float64}
@@ -82,22 +83,32 @@ def session_options(threads: int | None = None, low_memory: bool = False, config
 
 def create_session(folder: ModelFolder, threads: int | None = None, low_memory: bool = False,
                    config: dict | None = None, profile: str | os.PathLike | None = None):
-    """An InferenceSession on the CPU execution provider for the folder's graph (.onnx or .ort);
-    the options are `session_options`'."""
+    """(InferenceSession, native) on the CPU execution provider for the folder's graph (.onnx or
+    .ort); the options are `session_options`'. The native `perseus` kernels (`runtime.kernels`)
+    are registered when built; a graph whose perseus ops they do not take (onnxruntime reports a
+    `perseus::` schema mismatch) loads without them; `native` says whether they are in use."""
     import onnxruntime as ort
 
-    so = session_options(threads, low_memory, config, profile)
-    if folder.format == "ort":
-        so.add_session_config_entry("session.load_model_format", "ORT")
-    try:
-        session = ort.InferenceSession(str(folder.graph), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types, all with a message
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
-        raise PerseusError(f"onnxruntime cannot load {folder.graph}: {first}") from None
+    library = kernels.library() if folder.format == "onnx" else None  # .ort files have no functions
+    while True:
+        so = session_options(threads, low_memory, config, profile)
+        if folder.format == "ort":
+            so.add_session_config_entry("session.load_model_format", "ORT")
+        if library is not None:
+            so.register_custom_ops_library(str(library))
+        try:
+            session = ort.InferenceSession(str(folder.graph), sess_options=so, providers=["CPUExecutionProvider"])
+            break
+        except Exception as e:  # onnxruntime raises its own exception types, all with a message
+            if library is not None and "schema(perseus::" in str(e):
+                library = None  # an op signature the kernels do not take: its portable body runs
+                continue
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+            raise PerseusError(f"onnxruntime cannot load {folder.graph}: {first}") from None
     if folder.format == "onnx":
         release_mapped_pages(folder.path / mf.MODEL_DATA)
-    return session
+    return session, library is not None
 
 
 def release_mapped_pages(path: Path) -> int:

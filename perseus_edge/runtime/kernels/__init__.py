@@ -1,0 +1,29 @@
+"""Native onnxruntime kernels for the `perseus` ops: a custom-op library.
+
+    path = library()    # the built library, or None (not built, or PERSEUS_KERNELS=0)
+
+`latent_attention.cc` computes `perseus.LatentAttention` (MLA over the latent cache) as one
+kernel where the op's portable function body runs ~27 onnxruntime kernels per layer; a decode
+step of a small model is bound by that count (studies/perf/README.md, section 11). setup.py
+builds it at install time, optionally: without a C++ compiler the install still succeeds.
+
+The graph is the same with or without it: onnxruntime runs a registered kernel in place of the
+op's function body. The kernel knows the float-cache signatures (W_UK / W_UV float, or int8 with
+scales); onnxruntime refuses a graph whose op has another one (an int8 cache), and the session
+then loads without the library (`runtime.session.create_session`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+
+
+def library() -> Path | None:
+    """The built custom-op library beside this file; None when absent or PERSEUS_KERNELS=0."""
+    if os.environ.get("PERSEUS_KERNELS") == "0":
+        return None
+    found = sorted(_HERE.glob("_perseus_kernels*.so")) + sorted(_HERE.glob("_perseus_kernels*.pyd"))
+    return found[0] if found else None
