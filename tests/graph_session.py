@@ -20,15 +20,19 @@ class CachedSession:
     """`session(ids [B,T], position | positions [B]) -> logits [B,T,V]`, cache rows updated in place."""
 
     def __init__(self, model: str | os.PathLike | bytes, batch: int = 1, threads: int | None = None,
-                 inplace: bool = True):
+                 inplace: bool = True, library: str | os.PathLike | None = None):
         """inplace=False binds each present.* to a fresh output instead (so TensorScatter copies
-        the whole cache every step): only to measure what the in-place binding saves."""
+        the whole cache every step): only to measure what the in-place binding saves.
+        library: a custom-op library to register (the native perseus kernels); None runs the
+        perseus ops' function bodies."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
+        if library is not None:
+            so.register_custom_ops_library(str(library))
         model = model if isinstance(model, bytes) else str(model)
         self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         self.binding = self.session.io_binding()

@@ -12,9 +12,10 @@ dropped, so the shares are of the decode step (median `model_run` duration).
 Two summaries:
   by op     op_type (after ORT's fusions: FusedMatMul, QuickGelu, ...): total time, per step,
             share of the step, nodes per step
-  by scope  what the kernel belongs to: the body of a perseus function (ORT inlines model-local
-            functions and names their nodes `_inlfunc_<Op>...`, so `perseus.LatentAttention`,
-            `perseus.MoE`, `perseus.Attention` time is counted whole), else the component of the
+  by scope  what the kernel belongs to: a perseus op, as the native kernel (`perseus.<Op>
+            (native)`, runtime.kernels) or as the body of its function (ORT inlines model-local
+            functions and names their nodes `_inlfunc_<Op>...`: `perseus.<Op> (body)`, counted
+            whole), else the component of the
             weight the node reads (`graphinfo.component`: attention / experts / mlp / head ...),
             else the exporter scope in the node name (`layers.3.mlp.routed/...` = MoE routing),
             else "other (norms, adds, glue)".
@@ -48,8 +49,8 @@ def _node_scopes(model_dir: Path) -> dict[str, str]:
         weights = [i for i in node.input if i in inits]
         comps = [graphinfo.component(w) for w in weights]
         comps = [c for c in comps if c not in ("other", "rope tables", "norms")]
-        if node.domain == "perseus":
-            scope = f"perseus.{node.op_type}"
+        if node.domain == "perseus":  # in the trace only when the native kernel ran it
+            scope = f"perseus.{node.op_type} (native)"
         elif node.domain == mf.MS_DOMAIN and node.op_type in graphinfo.SPARSE_MOE_OPS:
             scope = f"experts ({node.domain}.{node.op_type})"
         elif comps:
@@ -98,7 +99,7 @@ def op_profile(model_dir: str | Path, threads: int = 1, context: int = 16, steps
             shutil.rmtree(tmp, ignore_errors=True)
             summary_trace = None
     return {"model": str(model_dir), "threads": threads, "context": context, "steps": steps,
-            "trace": summary_trace, **summary}
+            "native_kernels": model.native_kernels, "trace": summary_trace, **summary}
 
 
 def summarise(events: list[dict], scopes: dict[str, str] | None = None) -> dict:
@@ -178,7 +179,8 @@ def summary_table(profs: list[dict]) -> str:
 def markdown_tables(prof: dict, top: int = 12) -> str:
     head = (f"decode step median {prof['step_us_median'] / 1e3:.3f} ms over {prof['decode_runs']} steps at "
             f"context {prof['context']}, threads {prof['threads']}; kernels {prof['kernels_us_per_step'] / 1e3:.3f} "
-            f"ms/step, the rest ({100 * prof['framework_share']:.0f}%) is ORT's executor between kernels")
+            f"ms/step, the rest ({100 * prof['framework_share']:.0f}%) is ORT's executor between kernels; "
+            f"native perseus kernels: {'yes' if prof.get('native_kernels') else 'no'}")
     out = [head, "", "| op | ms/step | share of step | nodes/step |", "|---|---:|---:|---:|"]
     for r in prof["by_op"][:top]:
         out.append(f"| {r['name']} | {r['per_step_us'] / 1e3:.3f} | {100 * r['share']:.1f}% | {r['nodes_per_step']:.0f} |")

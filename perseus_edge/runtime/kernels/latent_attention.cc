@@ -512,11 +512,14 @@ struct LatentAttentionKernel {
     const float* cn = c_kv.GetTensorData<float>();
     const float* kn = k_rope.GetTensorData<float>();
     const float* gamma = norm_v.GetTensorData<float>();
+    for (int64_t i = 0; i < B * T; ++i) {  // every position checked before any row is written
+      const int64_t at = pos[i - i % T] + i % T, p = pos[i];
+      if (pos[i - i % T] < 0 || at >= ctx_rows || p < 0 || p >= rope_rows || p >= ctx_rows)
+        return fail("position " + std::to_string(p) + " outside the cache of " + std::to_string(ctx_rows) + " rows");
+    }
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = 0; t < T; ++t) {
         const int64_t at = pos[b * T] + t, p = pos[b * T + t];
-        if (pos[b * T] < 0 || at >= ctx_rows || p < 0 || p >= rope_rows || p >= ctx_rows)
-          return fail("position " + std::to_string(p) + " outside the cache of " + std::to_string(ctx_rows) + " rows");
         const float* x = cn + (b * T + t) * r;
         float ss = 0.f;
         for (int64_t j = 0; j < r; ++j) ss += x[j] * x[j];

@@ -1,0 +1,126 @@
+"""The native perseus kernels (perseus_edge/runtime/kernels): same results as the ops' bodies.
+
+Every check runs the same graph twice, once with the custom-op library registered (the native
+`perseus.LatentAttention`) and once without (onnxruntime inlines the op's function body), and
+against PyTorch where the weights are float. Dimensions cover both code paths: the tiny preset
+(4 heads, rope 8: the portable C++ loops) and a tiny model with 17M-like attention shapes
+(heads a multiple of 4, kv rank a multiple of 64, rope 16: the AVX-512 / VNNI loops on x86),
+which PERSEUS_KERNELS_GENERIC=1 sends down the portable loops again.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from perseus_edge import modelfile as mf
+from perseus_edge.runtime import kernels
+
+torch = pytest.importorskip("torch")
+
+from perseus_edge.build import export_checkpoint, quantize_model  # noqa: E402
+from graph_session import CachedSession  # noqa: E402  (tests/graph_session.py)
+from test_export import torch_greedy  # noqa: E402
+
+LIBRARY = kernels.library()
+pytestmark = pytest.mark.skipif(LIBRARY is None, reason="native kernels not built (no C++ compiler at install)")
+
+WIDE = dict(num_attention_heads=4, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
+SHAPES = {"tiny": {}, "wide": WIDE}
+
+
+@pytest.fixture(scope="module")
+def folders(make_checkpoint, tmp_path_factory):
+    """folders(shape, scheme) -> (checkpoint, exported ort-cpu folder, quantized with `scheme`)."""
+    cache = {}
+
+    def get(shape: str, scheme: str | None = None):
+        key = (shape, scheme)
+        if key not in cache:
+            ckpt = make_checkpoint(**SHAPES[shape])
+            if (shape, None) not in cache:
+                out = tmp_path_factory.mktemp(f"kernels-{shape}") / "fp32"
+                cache[(shape, None)] = (ckpt, export_checkpoint(ckpt, out, target="ort-cpu"))
+            if scheme:
+                base = cache[(shape, None)][1]
+                cache[key] = (ckpt, quantize_model(base, base.parent / scheme, scheme, target="ort-cpu"))
+        return cache[key]
+
+    return get
+
+
+def vocab(folder) -> int:
+    return json.loads((folder / mf.CONFIG).read_text())["vocab_size"]
+
+
+@pytest.mark.parametrize("shape,generic", [("tiny", False), ("wide", False), ("wide", True)])
+def test_native_matches_pytorch(shape, generic, folders, monkeypatch):
+    """Prefill + 40 greedy steps, batch of 2, cache in place: the native kernel against PyTorch's
+    cached decode, within the export tests' tolerance, and against the function body."""
+    if generic:
+        monkeypatch.setenv("PERSEUS_KERNELS_GENERIC", "1")
+    ckpt, folder = folders(shape)
+    prompt = np.random.default_rng(1).integers(2, vocab(folder), (2, 37))
+    ref_logits, ref_tokens = torch_greedy(ckpt, prompt, 40)
+    logits, tokens = CachedSession(folder / mf.MODEL_ONNX, batch=2, library=LIBRARY).greedy(prompt, 40)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(logits, ref_logits)) <= 1e-4
+    body, _ = CachedSession(folder / mf.MODEL_ONNX, batch=2).greedy(prompt, 40)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(logits, body)) <= 1e-4
+
+
+def test_rows_at_different_positions_and_copied_cache(folders):
+    """A batch whose rows sit at different positions (a server's), with present.* bound apart from
+    past.* (the kernel then copies the cache first), equals the body's result row for row."""
+    _, folder = folders("wide")
+    prompt = np.random.default_rng(2).integers(2, vocab(folder), (2, 70))
+    runs = []
+    for library in (LIBRARY, None):
+        session = CachedSession(folder / mf.MODEL_ONNX, batch=2, inplace=False, library=library)
+        out = [session(prompt, 0)]
+        out.append(session(np.array([[7], [9]]), np.array([70, 12])))  # row 1 rewinds to 12
+        out.append(session(np.array([[3, 4, 5], [6, 7, 8]]), np.array([71, 13])))
+        runs.append(out)
+    for native, body in zip(*runs):
+        assert float(np.abs(native - body).max()) <= 1e-4
+
+
+def test_native_int8_matches_body(folders):
+    """int8 W_UK / W_UV (codes + scales): the kernel quantizes its activation per tensor as
+    DynamicQuantizeMatMul does; ties in rounding may land one code apart, so the logits agree
+    to within a small fraction of their range, not bit for bit."""
+    for shape in ("tiny", "wide"):
+        _, folder = folders(shape, "int8")
+        prompt = np.random.default_rng(3).integers(2, vocab(folder), (1, 48))
+        native, _ = CachedSession(folder / mf.MODEL_ONNX, library=LIBRARY).greedy(prompt, 24)
+        body, _ = CachedSession(folder / mf.MODEL_ONNX).greedy(prompt, 24)
+        for a, b in zip(native, body):
+            assert float(np.abs(a - b).max()) <= 0.02 * float(np.abs(b).max())
+            assert (a[:, -1].argmax(-1) == b[:, -1].argmax(-1)).all()
+
+
+def test_runtime_uses_the_kernels_where_the_graph_allows(folders, tmp_path, monkeypatch):
+    """`Model` registers the library for a float cache; an int8 cache (an op signature the kernel
+    does not take) loads with the portable bodies; PERSEUS_KERNELS=0 turns the library off."""
+    from perseus_edge.runtime.model import Model
+
+    _, folder = folders("wide", "int8")
+    assert Model(folder, verify=False).native_kernels
+    kv8 = quantize_model(folders("wide")[1], tmp_path / "kv8", "int8", target="ort-cpu", kv_cache="int8")
+    model = Model(kv8, verify=False)
+    assert not model.native_kernels
+    assert np.isfinite(model.forward(np.array([[5, 6, 7]]), 0)).all()
+    monkeypatch.setenv("PERSEUS_KERNELS", "0")
+    assert kernels.library() is None and not Model(folder, verify=False).native_kernels
+
+
+def test_out_of_range_position_is_an_error_not_a_write(folders):
+    """A position past the cache is refused by the kernel (onnxruntime reports its message)."""
+    _, folder = folders("tiny")
+    session = CachedSession(folder / mf.MODEL_ONNX, library=LIBRARY)
+    before = {k: v.copy() for k, v in session.caches.items()}
+    with pytest.raises(Exception, match="perseus.LatentAttention: position"):
+        session(np.array([[5]]), session.max_context)
+    assert all(np.array_equal(before[k], session.caches[k]) for k in before)
