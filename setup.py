@@ -12,7 +12,7 @@ setup(ext_modules=[Extension(
     "perseus_edge.runtime.kernels._perseus_kernels",
     sources=["perseus_edge/runtime/kernels/latent_attention.cc"],
     include_dirs=["perseus_edge/runtime/kernels/include"],
-    extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wno-maybe-uninitialized"],
+    extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wno-maybe-uninitialized", "-g0"],
     language="c++",
     optional=True,
 )])
