@@ -112,6 +112,11 @@ def test_runtime_uses_the_kernels_where_the_graph_allows(folders, tmp_path, monk
     model = Model(kv8, verify=False)
     assert not model.native_kernels
     assert np.isfinite(model.forward(np.array([[5, 6, 7]]), 0)).all()
+    bogus = tmp_path / "_perseus_kernels.so"  # e.g. another platform's build: not loadable here
+    bogus.write_bytes(b"not a library")
+    monkeypatch.setattr(kernels, "library", lambda: bogus)
+    assert not Model(folder, verify=False).native_kernels
+    monkeypatch.undo()
     monkeypatch.setenv("PERSEUS_KERNELS", "0")
     assert kernels.library() is None and not Model(folder, verify=False).native_kernels
 

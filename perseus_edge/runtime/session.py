@@ -87,28 +87,42 @@ def create_session(folder: ModelFolder, threads: int | None = None, low_memory: 
     .ort); the options are `session_options`'. The native `perseus` kernels (`runtime.kernels`)
     are registered when built; a graph whose perseus ops they do not take (onnxruntime reports a
     `perseus::` schema mismatch) loads without them; `native` says whether they are in use."""
-    import onnxruntime as ort
-
-    library = kernels.library() if folder.format == "onnx" else None  # .ort files have no functions
-    while True:
+    def options():
         so = session_options(threads, low_memory, config, profile)
         if folder.format == "ort":
             so.add_session_config_entry("session.load_model_format", "ORT")
-        if library is not None:
-            so.register_custom_ops_library(str(library))
+        return so
+
+    session, library = None, kernels.library() if folder.format == "onnx" else None  # .ort: no functions
+    if library is not None:
+        so = options()
         try:
-            session = ort.InferenceSession(str(folder.graph), sess_options=so, providers=["CPUExecutionProvider"])
-            break
-        except Exception as e:  # onnxruntime raises its own exception types, all with a message
-            if library is not None and "schema(perseus::" in str(e):
-                library = None  # an op signature the kernels do not take: its portable body runs
-                continue
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
-            raise PerseusError(f"onnxruntime cannot load {folder.graph}: {first}") from None
+            so.register_custom_ops_library(str(library))
+        except Exception:  # noqa: BLE001 - not loadable here (another platform's build): the bodies run
+            pass
+        else:
+            session = _load(folder, so, may_refuse=True)
+    native = session is not None
+    if session is None:
+        session = _load(folder, options())
     if folder.format == "onnx":
         release_mapped_pages(folder.path / mf.MODEL_DATA)
-    return session, library is not None
+    return session, native
+
+
+def _load(folder: ModelFolder, so, may_refuse: bool = False):
+    """The InferenceSession; None if `may_refuse` and onnxruntime refused a perseus op's signature
+    (the native kernels registered in `so` do not take it); any other failure is one line."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(folder.graph), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types, all with a message
+        if may_refuse and "schema(perseus::" in str(e):
+            return None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+        raise PerseusError(f"onnxruntime cannot load {folder.graph}: {first}") from None
 
 
 def release_mapped_pages(path: Path) -> int:
