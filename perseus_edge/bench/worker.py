@@ -46,7 +46,8 @@ class OnnxBackend:
         from perseus_edge.runtime.model import Model
 
         self.model = Model(path, threads=threads, verify=False)
-        self.version = onnxruntime.__version__
+        # "+ perseus kernels": the native perseus ops ran (runtime.kernels), else their bodies
+        self.version = onnxruntime.__version__ + (" + perseus kernels" if self.model.native_kernels else "")
         self.max_context = self.model.max_context
         graph = self.model.folder.graph
         self.size_bytes = sum(p.stat().st_size for p in graph.parent.glob(graph.name + "*"))
