@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from studies.perf import variants as variants_lib
+
 
 def optimized_nodes(folder: Path, threads: int) -> int:
     """Nodes of the graph ORT executes (after its graph optimizer)."""
@@ -40,7 +42,7 @@ def optimized_nodes(folder: Path, threads: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("variants", nargs="+", help="NAME=FOLDER")
+    ap.add_argument("variants", nargs="+", help="NAME=FOLDER (FOLDER@body: native kernels off)")
     ap.add_argument("--threads", nargs="+", type=int, default=[1])
     ap.add_argument("--context", nargs="+", type=int, default=[16])
     ap.add_argument("--steps", type=int, default=64)
@@ -49,8 +51,6 @@ def main() -> None:
     ap.add_argument("--config", action="append", default=[], metavar="NAME:KEY=VALUE",
                     help="an ORT session config entry for one variant")
     args = ap.parse_args()
-    from perseus_edge.runtime.model import Model
-
     variants = dict(v.split("=", 1) for v in args.variants)
     configs: dict[str, dict] = {}
     for c in args.config:
@@ -58,7 +58,7 @@ def main() -> None:
         key, value = entry.split("=", 1)
         configs.setdefault(name, {})[key] = value
     for threads in args.threads:
-        models = {name: Model(path, threads=threads, verify=False, session_config=configs.get(name))
+        models = {name: variants_lib.load(path, threads, session_config=configs.get(name))
                   for name, path in variants.items()}
         for context in args.context:
             rng = np.random.default_rng(0)
@@ -90,7 +90,7 @@ def main() -> None:
                 ms, cpu_ms = 1e3 * statistics.median(times[name]), 1e3 * statistics.median(cpus[name])
                 ratio = statistics.median(b / t for b, t in zip(times[base], times[name]))
                 cpu_ratio = statistics.median(b / t for b, t in zip(cpus[base], cpus[name]))
-                nodes = f" {optimized_nodes(Path(variants[name]), threads)} |" if args.nodes else ""
+                nodes = f" {optimized_nodes(Path(variants_lib.folder_of(variants[name])), threads)} |" if args.nodes else ""
                 print(f"| {name} | {ms:.3f} | {1e3 / ms:.0f} | {ratio:.2f}x | {cpu_ms:.3f} | {cpu_ratio:.2f}x |{nodes}",
                       flush=True)
 

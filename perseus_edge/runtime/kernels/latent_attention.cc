@@ -382,19 +382,28 @@ void quantize_u8(const float* x, int64_t n, uint8_t* q, float* scale, int32_t* z
 }
 
 #ifdef PERSEUS_X86
+// NV x 16 columns of one row: NV independent accumulators, the packed rows read in order.
+template <int NV>
 PERSEUS_TARGET("avx512f,avx512bw,avx512vnni")
+void int8_columns_vnni(const uint8_t* x, const int8_t* base, int64_t K4, int64_t N, int32_t* acc) {
+  __m512i a[NV];
+  for (int v = 0; v < NV; ++v) a[v] = _mm512_setzero_si512();
+  for (int64_t k4 = 0; k4 < K4; ++k4) {
+    int32_t four;  // bytes past K meet zero codes (the buffer has 4 bytes of slack)
+    std::memcpy(&four, x + 4 * k4, 4);
+    const __m512i xv = _mm512_set1_epi32(four);
+    const int8_t* row = base + k4 * N * 4;
+    for (int v = 0; v < NV; ++v) a[v] = _mm512_dpbusd_epi32(a[v], xv, _mm512_loadu_si512(row + 64 * v));
+  }
+  for (int v = 0; v < NV; ++v) _mm512_storeu_si512(acc + 16 * v, a[v]);
+}
+
 void int8_row_vnni(const uint8_t* x, const PackedInt8& w, int64_t h, int32_t* acc) {
   const int8_t* base = w.codes.data() + h * w.K4 * w.N * 4;
-  for (int64_t j = 0; j < w.N; j += 16) {
-    __m512i a = _mm512_setzero_si512();
-    for (int64_t k4 = 0; k4 < w.K4; ++k4) {
-      int32_t four;  // bytes past K meet zero codes (the buffer has 4 bytes of slack)
-      std::memcpy(&four, x + 4 * k4, 4);
-      a = _mm512_dpbusd_epi32(a, _mm512_set1_epi32(four),
-                              _mm512_loadu_si512(base + (k4 * w.N + j) * 4));
-    }
-    _mm512_storeu_si512(acc + j, a);
-  }
+  int64_t j = 0;
+  for (; j + 256 <= w.N; j += 256) int8_columns_vnni<16>(x, base + j * 4, w.K4, w.N, acc + j);
+  for (; j + 64 <= w.N; j += 64) int8_columns_vnni<4>(x, base + j * 4, w.K4, w.N, acc + j);
+  for (; j < w.N; j += 16) int8_columns_vnni<1>(x, base + j * 4, w.K4, w.N, acc + j);
 }
 #endif
 
