@@ -650,7 +650,10 @@ struct LatentAttentionOp : Ort::CustomOpBase<LatentAttentionOp, LatentAttentionK
 extern "C" __attribute__((visibility("default")))
 OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   g_api = api_base->GetApi(ORT_API_VERSION);
-  if (g_api == nullptr) return nullptr;  // an onnxruntime older than these headers: the bodies run
+  if (g_api == nullptr) {  // an onnxruntime older than these headers: refuse, so the bodies run
+    const OrtApi* oldest = api_base->GetApi(1);
+    return oldest->CreateStatus(ORT_FAIL, "perseus kernels need onnxruntime >= 1.21");
+  }
   Ort::InitApi(g_api);
 #ifdef PERSEUS_X86
   __builtin_cpu_init();
