@@ -131,44 +131,36 @@ inline __m512 sum16(const __m512* acc) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
 }
 
-// 4 heads x 4 cache rows per pass: 16 independent FMA chains; each cache vector is loaded once
-// per 4 heads, each query vector once per 4 rows (heads a multiple of 4; r, rope of 16). Rows
-// past s1 up to the next multiple of 4 are computed and dropped when the buffer holds them.
+// acc[4 h + i] += q[h] . rows[i] over `width` columns, for 4 query rows q (stride q_stride) and
+// 4 consecutive cache rows: 16 independent FMA chains, each vector loaded once.
+PERSEUS_TARGET("avx512f")
+inline void dot_4x4(const float* q, int64_t q_stride, const float* rows, int64_t width, __m512* acc) {
+  for (int64_t j = 0; j < width; j += 16) {
+    const __m512 r0 = _mm512_loadu_ps(rows + j), r1 = _mm512_loadu_ps(rows + width + j);
+    const __m512 r2 = _mm512_loadu_ps(rows + 2 * width + j), r3 = _mm512_loadu_ps(rows + 3 * width + j);
+    for (int h = 0; h < 4; ++h) {
+      const __m512 qv = _mm512_loadu_ps(q + h * q_stride + j);
+      acc[4 * h] = _mm512_fmadd_ps(qv, r0, acc[4 * h]);
+      acc[4 * h + 1] = _mm512_fmadd_ps(qv, r1, acc[4 * h + 1]);
+      acc[4 * h + 2] = _mm512_fmadd_ps(qv, r2, acc[4 * h + 2]);
+      acc[4 * h + 3] = _mm512_fmadd_ps(qv, r3, acc[4 * h + 3]);
+    }
+  }
+}
+
+// Scores of 4 heads x 4 cache rows per pass (heads a multiple of 4; r, rope of 16). Rows past s1
+// up to the next multiple of 4 are computed and dropped when the buffer holds them.
 PERSEUS_TARGET("avx512f")
 void scores_avx512(const Rows& a, int64_t s0, int64_t s1, float* sc) {
   const int64_t n = s1 - s0;
   int64_t s = s0;
   for (; s < s1 && s + 4 <= a.capacity; s += 4) {
-    const float* c = a.C + s * a.r;
-    const float* k = a.K + s * a.rope;
     const int64_t valid = std::min<int64_t>(4, s1 - s);
     for (int64_t h0 = 0; h0 < a.heads; h0 += 4) {
       __m512 acc[16];
       for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-      const float* q = a.ql + h0 * a.r;
-      for (int64_t j = 0; j < a.r; j += 16) {
-        __m512 c0 = _mm512_loadu_ps(c + j), c1 = _mm512_loadu_ps(c + a.r + j);
-        __m512 c2 = _mm512_loadu_ps(c + 2 * a.r + j), c3 = _mm512_loadu_ps(c + 3 * a.r + j);
-        for (int h = 0; h < 4; ++h) {
-          __m512 qv = _mm512_loadu_ps(q + h * a.r + j);
-          acc[4 * h] = _mm512_fmadd_ps(qv, c0, acc[4 * h]);
-          acc[4 * h + 1] = _mm512_fmadd_ps(qv, c1, acc[4 * h + 1]);
-          acc[4 * h + 2] = _mm512_fmadd_ps(qv, c2, acc[4 * h + 2]);
-          acc[4 * h + 3] = _mm512_fmadd_ps(qv, c3, acc[4 * h + 3]);
-        }
-      }
-      const float* qr = a.qr + h0 * a.rope;
-      for (int64_t j = 0; j < a.rope; j += 16) {
-        __m512 k0 = _mm512_loadu_ps(k + j), k1 = _mm512_loadu_ps(k + a.rope + j);
-        __m512 k2 = _mm512_loadu_ps(k + 2 * a.rope + j), k3 = _mm512_loadu_ps(k + 3 * a.rope + j);
-        for (int h = 0; h < 4; ++h) {
-          __m512 qv = _mm512_loadu_ps(qr + h * a.rope + j);
-          acc[4 * h] = _mm512_fmadd_ps(qv, k0, acc[4 * h]);
-          acc[4 * h + 1] = _mm512_fmadd_ps(qv, k1, acc[4 * h + 1]);
-          acc[4 * h + 2] = _mm512_fmadd_ps(qv, k2, acc[4 * h + 2]);
-          acc[4 * h + 3] = _mm512_fmadd_ps(qv, k3, acc[4 * h + 3]);
-        }
-      }
+      dot_4x4(a.ql + h0 * a.r, a.r, a.C + s * a.r, a.r, acc);  // q_lat . c_kv
+      dot_4x4(a.qr + h0 * a.rope, a.rope, a.K + s * a.rope, a.rope, acc);  // + q_rope . k_rope
       alignas(64) float out[16];
       _mm512_store_ps(out, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(a.scale)));
       for (int h = 0; h < 4; ++h)
