@@ -482,14 +482,15 @@ struct LatentAttentionKernel {
     auto past_c = ctx.GetInput(7), past_k = ctx.GetInput(8), norm_v = ctx.GetInput(9);
     auto uk_v = ctx.GetInput(10), uv_v = ctx.GetInput(int8 ? 12 : 11);
     const auto qs = shape_of(q_nope), ws = shape_of(uk_v), vs = shape_of(uv_v), pcs = shape_of(past_c);
-    const auto cs = shape_of(cos_v), ps = shape_of(pos_v);
-    if (qs.size() != 3 || ws.size() != 3 || vs.size() != 3 || pcs.size() != 3 || cs.size() != 2 || ps.size() != 2)
-      return fail("unexpected input ranks");
+    const auto cs = shape_of(cos_v), ps = shape_of(pos_v), qrs = shape_of(q_rope), cks = shape_of(c_kv);
+    const auto krs = shape_of(k_rope), pks = shape_of(past_k);
+    for (const auto* s : {&qs, &ws, &vs, &pcs, &qrs, &cks, &krs, &pks})
+      if (s->size() != 3) return fail("unexpected input ranks");
+    if (cs.size() != 2 || ps.size() != 2) return fail("unexpected input ranks");
     const int64_t B = qs[0], T = qs[1], H = ws[0], nope = ws[1], r = ws[2], v = vs[2];
     const int64_t half = cs[1], rope = 2 * half, ctx_rows = pcs[1], rope_rows = cs[0];
     if (H != heads || qs[2] != H * nope || vs[0] != H || vs[1] != r || pcs[2] != r || ps[0] != B || ps[1] != T ||
-        shape_of(q_rope)[2] != H * rope || shape_of(c_kv)[2] != r || shape_of(k_rope)[2] != rope ||
-        shape_of(past_k)[1] != ctx_rows || shape_of(past_k)[2] != rope || pcs[0] < B)
+        qrs[2] != H * rope || cks[2] != r || krs[2] != rope || pks[1] != ctx_rows || pks[2] != rope || pcs[0] < B)
       return fail("input shapes disagree with each other");
     if (int8 && (uk_v.GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8))
       return fail("int8 W_UK expected with four weight inputs");
@@ -501,13 +502,15 @@ struct LatentAttentionKernel {
     const float* sinp = sin_v.GetTensorData<float>();
     auto out_v = ctx.GetOutput(0, {B, T, H * v});
     auto pres_c = ctx.GetOutput(1, pcs);
-    auto pres_k = ctx.GetOutput(2, shape_of(past_k));
+    auto pres_k = ctx.GetOutput(2, pks);
     float* Cache = pres_c.GetTensorMutableData<float>();
     float* Kache = pres_k.GetTensorMutableData<float>();
     if (Cache != past_c.GetTensorData<float>())
       std::memcpy(Cache, past_c.GetTensorData<float>(), sizeof(float) * pcs[0] * ctx_rows * r);
     if (Kache != past_k.GetTensorData<float>())
       std::memcpy(Kache, past_k.GetTensorData<float>(), sizeof(float) * pcs[0] * ctx_rows * rope);
+
+    if (B * T == 0) return nullptr;  // no new tokens: the cache as it was, an empty output
 
     // new cache rows (TensorScatter: row b's tokens go to rows position[b, 0] + t)
     const float* cn = c_kv.GetTensorData<float>();
