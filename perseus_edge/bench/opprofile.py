@@ -15,10 +15,9 @@ Two summaries:
   by scope  what the kernel belongs to: a perseus op, as the native kernel (`perseus.<Op>
             (native)`, runtime.kernels) or as the body of its function (ORT inlines model-local
             functions and names their nodes `_inlfunc_<Op>...`: `perseus.<Op> (body)`, counted
-            whole), else the component of the
-            weight the node reads (`graphinfo.component`: attention / experts / mlp / head ...),
-            else the exporter scope in the node name (`layers.3.mlp.routed/...` = MoE routing),
-            else "other (norms, adds, glue)".
+            whole), else the component of the weight the node reads (`graphinfo.component`:
+            attention / experts / mlp / head ...), else the exporter scope in the node name
+            (`layers.3.mlp.routed/...` = MoE routing), else "other (norms, adds, glue)".
 """
 
 from __future__ import annotations
