@@ -542,15 +542,7 @@ struct LatentAttentionKernel {
       for (int64_t h = 0; h < H; ++h)
         rotate(qrp + (i * H + h) * rope, cosp + p * half, sinp + p * half, half, qr.data() + (i * H + h) * rope);
     }
-    HeadMatmul to_latent{q_nope.GetTensorData<float>(), rows, H, nope, r};
-    to_latent.y = ql.data();
-    if (int8) {
-      uk.build(uk_v.GetTensorData<int8_t>(), H, nope, r);
-      to_latent.packed = &uk, to_latent.wscale = ctx.GetInput(11).GetTensorData<float>();
-    } else {
-      to_latent.w = uk_v.GetTensorData<float>();
-    }
-    to_latent.run(ctx);
+    per_head(ctx, q_nope.GetTensorData<float>(), rows, uk_v, int8, uk, 11, nope, r, ql.data());
 
     // attention, one item per (row, key block): key blocks split a long context over threads
     const int64_t max_keys = *std::max_element(pos, pos + rows) + 1;
@@ -601,16 +593,23 @@ struct LatentAttentionKernel {
       }
 
     float* out = out_v.GetTensorMutableData<float>();
-    HeadMatmul to_values{ol.data(), rows, H, r, v};
-    to_values.y = out;
-    if (int8) {
-      uv.build(uv_v.GetTensorData<int8_t>(), H, r, v);
-      to_values.packed = &uv, to_values.wscale = ctx.GetInput(13).GetTensorData<float>();
-    } else {
-      to_values.w = uv_v.GetTensorData<float>();
-    }
-    to_values.run(ctx);
+    per_head(ctx, ol.data(), rows, uv_v, int8, uv, 13, r, v, out);
     return nullptr;
+  }
+
+  // x [rows, H, K] times the per-head weight `w` -> y [rows, H, N]: float, or int8 codes (packed
+  // into `packed` once) with their scales at input `scale_input`.
+  void per_head(const Ort::KernelContext& ctx, const float* x, int64_t rows, const Ort::ConstValue& w, bool int8,
+                PackedInt8& packed, size_t scale_input, int64_t K, int64_t N, float* y) {
+    HeadMatmul m{x, rows, heads, K, N};
+    m.y = y;
+    if (int8) {
+      packed.build(w.GetTensorData<int8_t>(), heads, K, N);
+      m.packed = &packed, m.wscale = ctx.GetInput(scale_input).GetTensorData<float>();
+    } else {
+      m.w = w.GetTensorData<float>();
+    }
+    m.run(ctx);
   }
 };
 
