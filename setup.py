@@ -1,6 +1,6 @@
 """The one thing pyproject.toml cannot say: the optional native kernels.
 
-perseus_edge/runtime/kernels/latent_attention.cc builds into a shared library that onnxruntime
+The sources in perseus_edge/runtime/kernels/ build into a shared library that onnxruntime
 loads as a custom-op library (perseus_edge/runtime/kernels/__init__.py). It is optional: where no
 C++ compiler is available the install still succeeds and the graphs run their ops' portable
 bodies. It is not a Python module (nothing imports it); setuptools just builds and ships it.
@@ -10,7 +10,7 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "perseus_edge.runtime.kernels._perseus_kernels",
-    sources=["perseus_edge/runtime/kernels/latent_attention.cc"],
+    sources=[f"perseus_edge/runtime/kernels/{name}.cc" for name in ("library", "latent_attention", "sparse_moe")],
     include_dirs=["perseus_edge/runtime/kernels/include"],
     extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wno-maybe-uninitialized", "-g0"],
     language="c++",

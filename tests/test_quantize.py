@@ -284,11 +284,20 @@ def test_qdq_format_keeps_the_exported_functions_byte_identical(exported, quanti
     assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) < 1e-4
 
 
+def qmoe_nodes(model) -> list:
+    """QMoE nodes of the main graph and of the function bodies."""
+    return [n for n in [*model.graph.node, *(m for f in model.functions for m in f.node)] if n.op_type == "QMoE"]
+
+
 def test_ort_cpu_target_gets_qmoe(quantized, exported):
+    """int8: perseus.SparseMoE calls with 8-bit codes, QMoE in their body (the native kernel's
+    op); int4: QMoE inline. No float MoE left."""
     for scheme, bits in (("int8", 8), ("int4", 4)):
         model = graph(quantized(scheme, target="ort-cpu"))
-        qmoe = [n for n in model.graph.node if n.op_type == "QMoE"]
+        qmoe = qmoe_nodes(model)
+        calls = [n for n in model.graph.node if n.op_type == mf.OP_SPARSE_MOE]
         assert qmoe and not [n for n in model.graph.node if n.op_type == "MoE" and n.domain == "com.microsoft"]
+        assert bool(calls) == (bits == 8)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in qmoe[0].attribute}
         assert attrs["expert_weight_bits"] == bits
         assert any(n.op_type == mf.OP_LATENT_ATTENTION for n in model.graph.node)
@@ -313,7 +322,7 @@ def test_stages_leave_their_input_and_check_the_order(exported):
     assert for_ort.records[mf.QUANT_META]["experts"]["kind"] == "int8"  # left to the lowering
     lowered = lower(for_ort, "ort-cpu")
     assert for_ort.target == "portable" and lowered.target == "ort-cpu"
-    assert [n for n in lowered.graph.graph.node if n.op_type == "QMoE"]
+    assert qmoe_nodes(lowered.graph)
     with pytest.raises(PerseusError, match="quantized for the portable target"):
         lower(portable_int8, "ort-cpu")
     with pytest.raises(PerseusError, match="lowered for ort-cpu: quantize it for ort-cpu"):
@@ -383,9 +392,9 @@ def test_absorbed_weights_run_as_fused_int8_matmuls_on_ort_cpu(exported, tmp_pat
 def test_fp16_storage_for_the_ort_cpu_target(exported, quantized):
     """fp16 with --target ort-cpu: the lowering stores the lowered experts in fp16 as well."""
     model = graph(quantized("fp16", target="ort-cpu"))
-    moe = [n for n in model.graph.node if n.op_type == "MoE" and n.domain == mf.MS_DOMAIN]
+    calls = [n for n in model.graph.node if n.op_type == mf.OP_SPARSE_MOE]
     fp16 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
-    assert moe and all(f"{name}.fp16" in fp16 for n in moe for name in (n.input[2], n.input[4]))
+    assert calls and all(f"{name}.fp16" in fp16 for n in calls for name in (n.input[3], n.input[4]))
     prompt, tokens, ref = reference(exported("moe-mla-rope", "ort-cpu"))
     assert rel_error(run_logits(quantized("fp16", target="ort-cpu"), prompt, tokens), ref) <= REL_TOL["fp16"]
 

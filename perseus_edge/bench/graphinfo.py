@@ -121,7 +121,10 @@ def cache_layout(folder: str | Path, model=None) -> dict:
 
 
 def is_sparse_moe(model) -> bool:
-    return any(n.domain == mf.MS_DOMAIN and n.op_type in SPARSE_MOE_OPS for n in model.graph.node)
+    """Whether the graph runs only the selected experts: perseus.SparseMoE calls (ort-cpu), or
+    onnxruntime's MoE / QMoE inline (4-bit experts)."""
+    return any((n.domain, n.op_type) == (mf.PERSEUS_DOMAIN, mf.OP_SPARSE_MOE)
+               or (n.domain == mf.MS_DOMAIN and n.op_type in SPARSE_MOE_OPS) for n in model.graph.node)
 
 
 def decode_cost(folder: str | Path, context: int, model=None) -> dict:

@@ -15,27 +15,26 @@ import onnx
 from onnx import helper, numpy_helper
 
 from perseus_edge import modelfile as mf
-from perseus_edge.modelfile.graph import Builder, drop_unused, ensure_opset
+from perseus_edge.modelfile.graph import Builder, drop_unused, ensure_opset, replace_nodes
 from perseus_edge.modelfile.names import MS_DOMAIN
 
 
 def moe_to_ort(model: onnx.ModelProto) -> int:
-    """perseus.MoE -> routing in standard ops + com.microsoft.MoE (sparse: selected experts only).
+    """perseus.MoE -> perseus.SparseMoE: the same routing, then only the selected experts.
 
-    ORT's kernel routes by a softmax over its `router_probs` input, which cannot express
-    sigmoid scores with a selection-only bias. So the routing stays ours (TopK on biased scores)
-    and the kernel gets logits that reproduce our weights exactly: log(score) on the selected
-    experts, -1e9 elsewhere; its softmax + top-k then yields score_i / sum(selected scores).
-    Experts become fc1 [E, 2F, d] (gate and up rows interleaved, its fused-SwiGLU layout with
-    alpha 1, beta 0, no clamp: silu(gate) * up) and fc2 [E, d, F].
+    The portable body computes every expert; SparseMoE reads the k selected ones. Its inputs are
+    x, router, router_bias and the experts in onnxruntime's MoE layout: fc1 [E, 2F, d] (gate and
+    up rows interleaved: its fused SwiGLU with alpha 1, beta 0, no clamp, silu(gate) * up) and
+    fc2 [E, d, F]; `lower.qmoe` later makes them QMoE's block-quantized codes. Its body
+    (`sparse_moe`) is the routing in standard ops + com.microsoft.MoE, so stock onnxruntime runs
+    it; the native kernel (runtime/kernels/sparse_moe.cc) computes the whole op in one call.
     """
     inits = {t.name: t for t in model.graph.initializer}
-    nodes, count = [], 0
+    nodes, sites = [], []
     for node in model.graph.node:
         if (node.domain, node.op_type) != (mf.PERSEUS_DOMAIN, mf.OP_MOE) or _routing_variant(node):
             nodes.append(node)  # softmax or group-limited routing: the portable op stays
             continue
-        count += 1
         x, router, bias, w_gate, w_up, w_down = node.input
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         gate, up, down = (numpy_helper.to_array(inits[n]) for n in (w_gate, w_up, w_down))
@@ -49,34 +48,52 @@ def moe_to_ort(model: onnx.ModelProto) -> int:
         fc1_name, fc2_name = prefix + "fc1", prefix + "fc2"
         model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(fc1), fc1_name),
                                         numpy_helper.from_array(np.ascontiguousarray(fc2), fc2_name)])
+        call = helper.make_node(mf.OP_SPARSE_MOE, [x, router, bias, fc1_name, fc2_name], list(node.output),
+                                name=node.name, domain=mf.PERSEUS_DOMAIN, top_k=attrs["top_k"],
+                                normalize=attrs["normalize"], scaling=attrs["scaling"])
+        nodes.append(call)
+        sites.append((call, (attrs["top_k"], attrs["normalize"], attrs["scaling"], n_experts)))
+    if not sites:
+        return 0
+    if len({key for _, key in sites}) != 1:
+        raise ValueError("perseus.MoE calls disagree on their routing attributes: one SparseMoE body cannot serve them")
+    replace_nodes(model.graph, nodes)
+    model.functions.append(sparse_moe(*sites[0][1]))
+    ensure_opset(model, MS_DOMAIN, 1)
+    return len(sites)
 
-        b = Builder(scope=node.output[0])
-        # the kernel takes x as [B, T, d] (its output has x's shape) and router logits as [N, E]
-        scores = b.Reshape(b.Sigmoid(b.MatMul(x, router)), b.const([-1, n_experts]), _name="scores")
-        _, idx = b.TopK(b.Add(scores, bias), b.const([attrs["top_k"]]), axis=-1, _outputs=2)
-        chosen = b.GatherElements(scores, idx, axis=-1)
-        floor = numpy_helper.from_array(np.array([-1e9], np.float32))
-        logits = b.ScatterElements(b.ConstantOfShape(b.Shape(scores), value=floor), idx, b.Log(chosen),
-                                   axis=-1, _name="router_logits")
-        # the kernel's weights sum to one: rescale by routed_scaling_factor, and by the sum of
-        # the chosen scores when the model does not normalise
-        scale, renorm = attrs["scaling"] != 1.0, not attrs["normalize"]
-        y = b.op("MoE", x, logits, fc1_name, "", fc2_name, _domain=MS_DOMAIN, k=attrs["top_k"],
-                 activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-                 swiglu_limit=float("inf"), normalize_routing_weights=1,
-                 _outputs=1 if scale or renorm else [node.output[0]])
-        if scale:
-            y = b.Mul(y, b.const(attrs["scaling"], np.float32), _outputs=1 if renorm else [node.output[0]])
-        if renorm:
-            total = b.ReduceSum(chosen, b.const([-1]), keepdims=1)  # [N, 1] -> [B, T, 1]
-            b.Mul(y, b.Reshape(total, b.Concat(b.Shape(x, end=-1), b.const([1]), axis=0)),
-                  _outputs=[node.output[0]])
-        nodes.extend(b.nodes)
-    if count:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        ensure_opset(model, MS_DOMAIN, 1)
-    return count
+
+def sparse_moe(top_k: int, normalize: int, scaling: float, n_experts: int) -> onnx.FunctionProto:
+    """perseus.SparseMoE's body, specialised to the model's routing attributes (one function per
+    model; the calls carry the same values as attributes, which the native kernel reads).
+
+    ORT's MoE kernel routes by a softmax over its `router_probs` input, which cannot express
+    sigmoid scores with a selection-only bias. So the routing is ours (TopK on biased scores) and
+    the kernel gets logits that reproduce our weights exactly: log(score) on the selected experts,
+    -1e9 elsewhere; its softmax + top-k then yields score_i / sum(selected scores), rescaled here
+    by routed_scaling_factor, and by the sum of the chosen scores when the model does not normalise.
+    """
+    b = Builder()
+    scores = b.Reshape(b.Sigmoid(b.MatMul("x", "router")), b.const([-1, n_experts]), _name="scores")  # [N, E]
+    _, idx = b.TopK(b.Add(scores, "router_bias"), b.const([top_k]), axis=-1, _outputs=2)
+    chosen = b.GatherElements(scores, idx, axis=-1)
+    floor = numpy_helper.from_array(np.array([-1e9], np.float32))
+    logits = b.ScatterElements(b.ConstantOfShape(b.Shape(scores), value=floor), idx, b.Log(chosen),
+                               axis=-1, _name="router_logits")
+    scale, renorm = scaling != 1.0, not normalize
+    # the kernel takes x as [B, T, d] (its output has x's shape) and router logits as [N, E]
+    y = b.op("MoE", "x", logits, "fc1", "", "fc2", _domain=MS_DOMAIN, k=top_k, activation_type="swiglu",
+             swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, swiglu_limit=float("inf"),
+             normalize_routing_weights=1, _outputs=1 if scale or renorm else ["y"])
+    if scale:
+        y = b.Mul(y, b.const(scaling, np.float32), _outputs=1 if renorm else ["y"])
+    if renorm:
+        total = b.ReduceSum(chosen, b.const([-1]), keepdims=1)  # [N, 1] -> [B, T, 1]
+        b.Mul(y, b.Reshape(total, b.Concat(b.Shape("x", end=-1), b.const([1]), axis=0)), _outputs=["y"])
+    f = b.function(mf.PERSEUS_DOMAIN, mf.OP_SPARSE_MOE, ["x", "router", "router_bias", "fc1", "fc2"], ["y"],
+                   ["top_k", "normalize", "scaling"], sparse_moe.__doc__)
+    f.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return f
 
 
 def _routing_variant(node: onnx.NodeProto) -> bool:

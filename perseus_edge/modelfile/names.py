@@ -49,6 +49,7 @@ MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits, MoE, QMoE
 OP_LATENT_ATTENTION = "LatentAttention"
 OP_ATTENTION = "Attention"  # MHA baseline, same cache contract
 OP_MOE = "MoE"
+OP_SPARSE_MOE = "SparseMoE"  # ort-cpu: routing + the selected experts (lower/passes.py)
 
 # manifest.json of an exported folder: kind, and the key holding the export metadata
 # ({"opset", "perseus_ops", "max_context", "source_checkpoint": {"path", "sha256"}, ...})

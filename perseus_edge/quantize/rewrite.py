@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from perseus_edge import modelfile as mf
 from perseus_edge.modelfile.graph import (Builder, add_initializer, drop_unused, ensure_opset, function,
                                           initializers, replace_nodes)
+from perseus_edge.errors import PerseusError
 from perseus_edge.modelfile.names import MS_DOMAIN
 from perseus_edge.quantize import weights as qw
 
@@ -481,28 +482,21 @@ def op_inputs(model: onnx.ModelProto, op: str) -> list[str]:
             for name in call.input]
 
 
+def refuse_inline_moe(model: onnx.ModelProto) -> None:
+    """A graph lowered before perseus.SparseMoE (com.microsoft.MoE inline in the main graph) cannot
+    be quantized for the target: its experts would silently stay float."""
+    if any((n.domain, n.op_type) == (MS_DOMAIN, "MoE") for n in model.graph.node):
+        raise PerseusError("this folder's experts were lowered by an older perseus-edge (com.microsoft.MoE in "
+                           "the main graph): export the checkpoint again")
+
+
 def kernel_inputs(model: onnx.ModelProto) -> set[str]:
     """The values the target's MoE kernel quantizes in its own layout, which the quantizer leaves in
     float: every input of the perseus.MoE calls and, in a graph already lowered for ort-cpu
-    (`lower.passes.moe_to_ort`), every input of the com.microsoft.MoE nodes and every initializer
-    of the routing that feeds them (the router stays float, as it does inside perseus.MoE)."""
-    kept = set(op_inputs(model, mf.OP_MOE))
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inits = initializers(model)
-    for node in model.graph.node:
-        if (node.domain, node.op_type) != (MS_DOMAIN, "MoE"):
-            continue
-        kept.update(node.input)
-        todo, seen = [node.input[1]], {node.input[0]}  # back from the router logits, up to x
-        while todo:
-            name = todo.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            if name in inits:
-                kept.add(name)
-            elif name in producer:
-                todo.extend(producer[name].input)
+    (`lower.passes.moe_to_ort`), of the perseus.SparseMoE calls (the router stays float, as it
+    does inside perseus.MoE)."""
+    refuse_inline_moe(model)
+    kept = set(op_inputs(model, mf.OP_MOE)) | set(op_inputs(model, mf.OP_SPARSE_MOE))
     kept.discard("")
     return kept
 

@@ -23,28 +23,10 @@
 // Built by setup.py as an optional extension; perseus_edge/runtime/kernels/__init__.py finds it
 // and the runtime registers it with the session (PERSEUS_KERNELS=0 turns it off).
 
-#define ORT_API_MANUAL_INIT
-#include "onnxruntime/onnxruntime_cxx_api.h"
+#include "common.h"
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <mutex>
-#include <string>
-#include <vector>
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define PERSEUS_X86 1
-#define PERSEUS_TARGET(t) __attribute__((target(t)))
-#endif
-
+namespace perseus {
 namespace {
-
-const OrtApi* g_api = nullptr;
-bool g_avx512 = false, g_vnni = false;  // set once the library is registered
 
 // ----------------------------------------------------------------------------- scalar helpers
 // Round to nearest even for |x| < 2^22 without libm: nearbyint/floor are library calls on
@@ -113,24 +95,6 @@ void accumulate_generic(const Rows& a, int64_t s0, int64_t s1, const float* p, f
 }
 
 #ifdef PERSEUS_X86
-// Sums of 16 accumulators in one vector, lane 4 * i + j = sum of acc[4 * i + j] (an add/shuffle
-// network: ~45 instructions where 16 separate horizontal sums take ~160).
-PERSEUS_TARGET("avx512f")
-inline __m512 sum16(const __m512* acc) {
-  __m512 lanes[4];
-  for (int i = 0; i < 4; ++i) {
-    const __m512* a = acc + 4 * i;
-    __m512 p01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
-    __m512 p23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
-    __m512d d01 = _mm512_castps_pd(p01), d23 = _mm512_castps_pd(p23);
-    lanes[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d01, d23)),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(d01, d23)));  // 128-bit lane = 4 partial sums
-  }
-  __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(lanes[0], lanes[1], 0x44), _mm512_shuffle_f32x4(lanes[0], lanes[1], 0xEE));
-  __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(lanes[2], lanes[3], 0x44), _mm512_shuffle_f32x4(lanes[2], lanes[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-}
-
 // acc[4 h + i] += q[h] . rows[i] over `width` columns, for 4 query rows q (stride q_stride) and
 // 4 consecutive cache rows: 16 independent FMA chains, each vector loaded once.
 PERSEUS_TARGET("avx512f")
@@ -449,11 +413,8 @@ struct HeadMatmul {
 };
 
 // ----------------------------------------------------------------------------- the kernel
-OrtStatus* fail(const std::string& message) {
-  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, ("perseus.LatentAttention: " + message).c_str());
-}
+OrtStatus* fail(const std::string& message) { return fail_status("perseus.LatentAttention", message); }
 
-std::vector<int64_t> shape_of(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
 
 struct LatentAttentionKernel {
   int64_t heads;
@@ -641,23 +602,9 @@ struct LatentAttentionOp : Ort::CustomOpBase<LatentAttentionOp, LatentAttentionK
 
 }  // namespace
 
-extern "C" __attribute__((visibility("default")))
-OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  g_api = api_base->GetApi(ORT_API_VERSION);
-  if (g_api == nullptr) {  // an onnxruntime older than these headers: refuse, so the bodies run
-    const OrtApi* oldest = api_base->GetApi(1);
-    return oldest->CreateStatus(ORT_FAIL, "perseus kernels need onnxruntime >= 1.21");
-  }
-  Ort::InitApi(g_api);
-#ifdef PERSEUS_X86
-  __builtin_cpu_init();
-  const char* generic = std::getenv("PERSEUS_KERNELS_GENERIC");  // tests: the portable C++ paths
-  g_avx512 = !(generic && *generic == '1') && __builtin_cpu_supports("avx512f");
-  g_vnni = g_avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
-#endif
+const OrtCustomOp* latent_attention_op() {
   static LatentAttentionOp op;
-  static Ort::CustomOpDomain domain("perseus");
-  static std::once_flag added;
-  std::call_once(added, [] { domain.Add(&op); });
-  return g_api->AddCustomOpDomain(options, domain);
+  return &op;
 }
+
+}  // namespace perseus

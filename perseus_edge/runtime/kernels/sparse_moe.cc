@@ -1,0 +1,336 @@
+// perseus.SparseMoE as one native onnxruntime kernel: routing, then only the selected experts.
+//
+// Why by hand: the op's body (perseus_edge/lower/passes.py `sparse_moe`: routing in standard ops,
+// then com.microsoft.MoE / QMoE) is ~10 kernels per layer, onnxruntime 1.32's 8-bit QMoE
+// dequantizes each selected expert's blocks to a float buffer before multiplying (and its result
+// differs from the float op on the weights the codes encode: tests/test_qmoe_reference.py), and
+// neither splits one token's experts over threads. Here each weight is dequantized in registers
+// as it is multiplied:
+//
+//   s = sigmoid(x router)                      [E] per token
+//   chosen = top_k(s + router_bias)            (ties: the lower expert index, as TopK)
+//   w_e = s_e / sum(s_chosen) if normalize else s_e, times scaling
+//   y = sum_e w_e fc2[e] (silu(h_gate) * h_up),  h = fc1[e] x   (fc1 rows: gate, up interleaved)
+//
+// Experts come in onnxruntime's MoE layout, float (fc1 [E, 2F, d], fc2 [E, d, F]) or as QMoE's
+// symmetric 8-bit blocks (uint8 codes [E, N, K], scales [E, N, K/block]): w = (code - 128) * scale,
+// multiplied in float32, so the result is the float op's on the weights the codes encode (4-bit
+// experts keep onnxruntime's QMoE: lower/qmoe.py says why). Tokens are grouped by expert, so a
+// prompt reads each selected expert once per 4 tokens; experts, then output rows, are split over
+// the session's threads. AVX-512 only: library.cc registers it where the CPU has AVX-512, and
+// elsewhere onnxruntime runs the op's body (the portable loops here serve shapes the vector loops
+// do not take, and the tests).
+
+#include "common.h"
+
+namespace perseus {
+namespace {
+
+OrtStatus* fail(const std::string& message) { return fail_status("perseus.SparseMoE", message); }
+
+// One side of the experts (fc1 or fc2): E matrices of N rows by K, float or 8-bit blocks.
+struct Experts {
+  const float* f = nullptr;                                      // float [E, N, K], or
+  const uint8_t* q = nullptr; const float* scale = nullptr;      // codes [E, N, K], scales [E, N, blocks]
+  int64_t E = 0, N = 0, K = 0, block = 0, blocks = 0;
+  int shift = 0;  // log2(block) where the block is a power of two
+};
+
+// y[r] = row n of expert e . x[r], for R token vectors x[r] (any sizes, plain C++).
+void row_dot_generic(const Experts& w, int64_t e, int64_t n, const float* const* x, int64_t R, float* y) {
+  std::fill(y, y + R, 0.f);
+  const int64_t row = e * w.N + n;
+  for (int64_t k = 0; k < w.K; ++k) {
+    const float v = w.f != nullptr ? w.f[row * w.K + k]
+                                   : (static_cast<float>(w.q[row * w.K + k]) - 128.f) * w.scale[row * w.blocks + k / w.block];
+    for (int64_t r = 0; r < R; ++r) y[r] += x[r][k] * v;
+  }
+}
+
+#ifdef PERSEUS_X86
+inline __mmask16 first(int64_t count) {  // lanes [0, count) of 16
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// Weights k .. k + 15 of row `row` (= e * N + n) as floats: the float row (lanes outside `m`
+// zero), or the codes as signed bytes (code ^ 0x80 = code - 128) times their block's scale (the
+// 16 lie in one block: the block is a power of two >= 16).
+template <bool CODES>
+PERSEUS_TARGET("avx512f,avx512bw")
+inline __m512 weights16(const Experts& w, int64_t row, int64_t k, __mmask16 m) {
+  if constexpr (!CODES) {
+    return _mm512_maskz_loadu_ps(m, w.f + row * w.K + k);
+  } else {
+    const __m128i c = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q + row * w.K + k)),
+                                    _mm_set1_epi8(static_cast<char>(0x80)));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), _mm512_set1_ps(w.scale[row * w.blocks + (k >> w.shift)]));
+  }
+}
+
+// out[r * ROWS + i] = row n0 + i of expert e . x[r]: ROWS x R independent accumulators, each weight
+// vector converted once for R tokens, each token vector loaded once for ROWS rows; the 16 rows of
+// one token are summed by one add/shuffle network. For short rows (fc2 of a small expert) and
+// for several tokens (a prompt).
+template <bool CODES, int ROWS, int R>
+PERSEUS_TARGET("avx512f,avx512bw")
+void rows_dot(const Experts& w, int64_t e, int64_t n0, const float* const* x, float* out) {
+  __m512 acc[ROWS * R];
+  for (int i = 0; i < ROWS * R; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t row0 = e * w.N + n0;
+  for (int64_t k = 0; k < w.K; k += 16) {
+    const __mmask16 m = first(w.K - k);
+    __m512 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm512_maskz_loadu_ps(m, x[r] + k);
+    for (int i = 0; i < ROWS; ++i) {
+      const __m512 wv = weights16<CODES>(w, row0 + i, k, m);
+      for (int r = 0; r < R; ++r) acc[r * ROWS + i] = _mm512_fmadd_ps(xv[r], wv, acc[r * ROWS + i]);
+    }
+  }
+  if constexpr (ROWS == 16 && R == 1) {
+    _mm512_storeu_ps(out, sum16(acc));
+  } else {
+    for (int i = 0; i < ROWS * R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+  }
+}
+
+// One long row, one token (fc1 at decode): four accumulators along k, the row read in order,
+// which keeps the memory stream sequential where the experts come from DRAM.
+template <bool CODES>
+PERSEUS_TARGET("avx512f,avx512bw")
+float row_dot(const Experts& w, int64_t row, const float* x) {
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 64 <= w.K; k += 64)
+    for (int j = 0; j < 4; ++j)
+      acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16 * j), weights16<CODES>(w, row, k + 16 * j, 0xFFFF), acc[j]);
+  for (; k < w.K; k += 16) {
+    const __mmask16 m = first(w.K - k);
+    acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + k), weights16<CODES>(w, row, k, m), acc[0]);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+// Rows [n0, n1) of expert e times `count` <= 4 token vectors: out[r * (n1 - n0) + n - n0].
+template <bool CODES>
+void rows_avx512(const Experts& w, int64_t e, int64_t n0, int64_t n1, const float* const* x, int64_t count,
+                 float* out) {
+  const int64_t width = n1 - n0;
+  int64_t n = n0;
+  if (count == 1 && w.K >= 128) {
+    for (; n < n1; ++n) out[n - n0] = row_dot<CODES>(w, e * w.N + n, x[0]);
+    return;
+  }
+  if (count == 1)
+    for (; n + 16 <= n1; n += 16) rows_dot<CODES, 16, 1>(w, e, n, x, out + (n - n0));
+  for (; n + 4 <= n1; n += 4) {
+    float o[16];
+    switch (count) {
+      case 4: rows_dot<CODES, 4, 4>(w, e, n, x, o); break;
+      case 3: rows_dot<CODES, 4, 3>(w, e, n, x, o); break;
+      case 2: rows_dot<CODES, 4, 2>(w, e, n, x, o); break;
+      default: rows_dot<CODES, 4, 1>(w, e, n, x, o);
+    }
+    for (int64_t r = 0; r < count; ++r)
+      for (int i = 0; i < 4; ++i) out[r * width + (n - n0) + i] = o[r * 4 + i];
+  }
+  for (; n < n1; ++n)  // the last rows, a token at a time
+    for (int64_t r = 0; r < count; ++r) rows_dot<CODES, 1, 1>(w, e, n, x + r, out + r * width + (n - n0));
+}
+#endif
+
+// Rows [n0, n1) of expert e times `count` token vectors, 4 at a time: out(i, n, value).
+template <class Out>
+void rows_times_tokens(const Experts& w, bool wide, int64_t e, int64_t n0, int64_t n1, const float* const* x,
+                       int64_t count, Out out) {
+  const int64_t width = n1 - n0;
+  std::vector<float> y(4 * width);
+  for (int64_t i = 0; i < count; i += 4) {
+    const int64_t r = std::min<int64_t>(4, count - i);
+#ifdef PERSEUS_X86
+    if (wide && w.f != nullptr) rows_avx512<false>(w, e, n0, n1, x + i, r, y.data()); else
+    if (wide) rows_avx512<true>(w, e, n0, n1, x + i, r, y.data()); else
+#endif
+    {
+      float v[4];
+      for (int64_t n = n0; n < n1; ++n) {
+        row_dot_generic(w, e, n, x + i, r, v);
+        for (int64_t j = 0; j < r; ++j) y[j * width + (n - n0)] = v[j];
+      }
+    }
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t n = n0; n < n1; ++n) out(i + j, n, y[j * width + (n - n0)]);
+  }
+}
+
+// ----------------------------------------------------------------------------- the kernel
+struct SparseMoEKernel {
+  int64_t top_k, normalize;
+  float scaling;
+
+  explicit SparseMoEKernel(const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo k(info);
+    top_k = k.GetAttribute<int64_t>("top_k");
+    normalize = k.GetAttribute<int64_t>("normalize");
+    scaling = k.GetAttribute<float>("scaling");
+  }
+
+  OrtStatus* ComputeV2(OrtKernelContext* context) {
+    try {
+      return compute(Ort::KernelContext(context));
+    } catch (const std::exception& e) {
+      return fail(e.what());
+    }
+  }
+
+  // Input `at` ("fc1" or "fc2": [E, N, K]) as Experts, with its scales at `scale_at` when given.
+  static std::string side(const Ort::KernelContext& ctx, size_t at, size_t scale_at, int64_t E, int64_t N,
+                          int64_t K, Experts& w) {
+    const auto v = ctx.GetInput(at);
+    const auto s = shape_of(v);
+    const std::string name = at == 3 ? "fc1" : "fc2";
+    if (s.size() != 3 || s[0] != E || s[1] != N || s[2] != K) return name + " has the wrong shape";
+    w.E = E, w.N = N, w.K = K;
+    const auto type = v.GetTensorTypeAndShapeInfo().GetElementType();
+    if (ctx.GetInputCount() <= scale_at || ctx.GetInput(scale_at) == nullptr) {
+      if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return name + ": float experts expected without scales";
+      w.f = v.GetTensorData<float>();
+      return "";
+    }
+    const auto sc = shape_of(ctx.GetInput(scale_at));
+    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || sc.size() != 3 || sc[0] != E || sc[1] != N || sc[2] < 1 ||
+        K % sc[2] != 0)
+      return name + ": uint8 codes [E, N, K] with scales [E, N, K / block] expected";
+    w.q = v.GetTensorData<uint8_t>();
+    w.scale = ctx.GetInput(scale_at).GetTensorData<float>();
+    w.blocks = sc[2], w.block = K / sc[2];
+    while ((int64_t{1} << w.shift) < w.block) ++w.shift;
+    return "";
+  }
+
+  OrtStatus* compute(Ort::KernelContext ctx) {
+    const auto x_v = ctx.GetInput(0), router_v = ctx.GetInput(1), bias_v = ctx.GetInput(2);
+    const auto xs = shape_of(x_v), rs = shape_of(router_v), bs = shape_of(bias_v), f1 = shape_of(ctx.GetInput(3));
+    if (xs.empty() || rs.size() != 2 || bs.size() != 1 || f1.size() != 3) return fail("unexpected input ranks");
+    const int64_t d = xs.back(), E = rs[1], F = f1[1] / 2;
+    if (rs[0] != d || bs[0] != E || f1[1] % 2 != 0 || top_k < 1 || top_k > E)
+      return fail("input shapes disagree with each other (or top_k is not in 1..E)");
+    Experts fc1, fc2;
+    std::string bad = side(ctx, 3, 5, E, 2 * F, d, fc1);
+    if (bad.empty()) bad = side(ctx, 4, 6, E, d, F, fc2);
+    if (!bad.empty()) return fail(bad);
+    auto vector_loops_take = [](const Experts& w) {  // float rows of any length; 16 codes in one block
+      return w.f != nullptr || (w.block >= 16 && w.block == int64_t{1} << w.shift);
+    };
+    const bool wide = g_avx512 && vector_loops_take(fc1) && vector_loops_take(fc2);
+
+    auto y_v = ctx.GetOutput(0, xs);
+    float* y = y_v.GetTensorMutableData<float>();
+    const int64_t tokens = static_cast<int64_t>(x_v.GetTensorTypeAndShapeInfo().GetElementCount()) / std::max<int64_t>(d, 1);
+    std::fill(y, y + tokens * d, 0.f);
+    if (tokens == 0 || d == 0) return nullptr;
+    const float* x = x_v.GetTensorData<float>();
+    const float* router = router_v.GetTensorData<float>();
+    const float* bias = bias_v.GetTensorData<float>();
+
+    // routing: each token's top_k experts and their weights, then the slots grouped by expert
+    std::vector<float> score(E), choice(E), weight(tokens * top_k);
+    std::vector<int64_t> expert(tokens * top_k);
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::fill(score.begin(), score.end(), 0.f);
+      const float* xt = x + t * d;
+      for (int64_t k = 0; k < d; ++k)
+        for (int64_t e = 0; e < E; ++e) score[e] += xt[k] * router[k * E + e];
+      for (int64_t e = 0; e < E; ++e) {
+        score[e] = 1.0f / (1.0f + std::exp(-score[e]));
+        choice[e] = score[e] + bias[e];
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < top_k; ++j) {  // the largest remaining choice, the lower index on ties
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; ++e)
+          if (choice[e] != -INFINITY && (best < 0 || choice[e] > choice[best])) best = e;
+        if (best < 0) return fail("fewer than top_k experts have a finite score");
+        choice[best] = -INFINITY;
+        expert[t * top_k + j] = best, weight[t * top_k + j] = score[best], total += score[best];
+      }
+      for (int64_t j = 0; j < top_k; ++j) weight[t * top_k + j] *= (normalize ? 1.0f / total : 1.0f) * scaling;
+    }
+    std::vector<std::vector<int64_t>> slots(E);  // expert -> its slots (token * top_k + j)
+    for (int64_t slot = 0; slot < tokens * top_k; ++slot) slots[expert[slot]].push_back(slot);
+    std::vector<int64_t> active;
+    for (int64_t e = 0; e < E; ++e)
+      if (!slots[e].empty()) active.push_back(e);
+
+    struct Job {
+      const Experts *fc1, *fc2; bool wide; const float* x; int64_t d, F, top_k, rows_per_item;
+      const std::vector<std::vector<int64_t>>* slots; const std::vector<int64_t>* active;
+      const float* weight; float *act, *y;
+    };
+    std::vector<float> act(tokens * top_k * F);  // [slot, F]: silu(gate) * up of the slot's expert
+    Job job{&fc1, &fc2, wide, x, d, F, top_k, 64, &slots, &active, weight.data(), act.data(), y};
+    auto expand = [](void* data, size_t item) {  // fc1 + SwiGLU of one active expert, its tokens 4 at a time
+      const Job& j = *static_cast<const Job*>(data);
+      const int64_t e = (*j.active)[item];
+      const auto& mine = (*j.slots)[e];
+      const int64_t count = static_cast<int64_t>(mine.size());
+      std::vector<const float*> in(count);
+      for (int64_t i = 0; i < count; ++i) in[i] = j.x + (mine[i] / j.top_k) * j.d;
+      std::vector<float> h(2 * j.F);
+      rows_times_tokens(*j.fc1, j.wide, e, 0, 2 * j.F, in.data(), count, [&](int64_t i, int64_t n, float v) {
+        h[n] = v;
+        if (n % 2 == 1) {  // gate n - 1, up n: one hidden unit
+          const float gate = h[n - 1];
+          j.act[mine[i] * j.F + n / 2] = gate / (1.0f + std::exp(-gate)) * v;
+        }
+      });
+    };
+    auto contract = [](void* data, size_t item) {  // fc2 for a range of output rows, every active expert
+      const Job& j = *static_cast<const Job*>(data);
+      const int64_t n0 = static_cast<int64_t>(item) * j.rows_per_item, n1 = std::min(j.d, n0 + j.rows_per_item);
+      for (const int64_t e : *j.active) {
+        const auto& mine = (*j.slots)[e];
+        std::vector<const float*> in(mine.size());
+        for (size_t i = 0; i < mine.size(); ++i) in[i] = j.act + mine[i] * j.F;
+        rows_times_tokens(*j.fc2, j.wide, e, n0, n1, in.data(), static_cast<int64_t>(mine.size()),
+                          [&](int64_t i, int64_t n, float v) { j.y[(mine[i] / j.top_k) * j.d + n] += j.weight[mine[i]] * v; });
+      }
+    };
+    const size_t experts = active.size(), ranges = static_cast<size_t>((d + job.rows_per_item - 1) / job.rows_per_item);
+    ctx.ParallelFor(expand, experts, 0, &job);
+    ctx.ParallelFor(contract, ranges, 0, &job);
+    return nullptr;
+  }
+};
+
+struct SparseMoEOp : Ort::CustomOpBase<SparseMoEOp, SparseMoEKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new SparseMoEKernel(info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return fail(e.what());
+    }
+  }
+  const char* GetName() const { return "SparseMoE"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  // x, router, router_bias, fc1, fc2 (float, or uint8 codes), then fc1_scale, fc2_scale (codes only)
+  size_t GetInputTypeCount() const { return 7; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 3 || i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i >= 5 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                  : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+const OrtCustomOp* sparse_moe_op() {
+  static SparseMoEOp op;
+  return &op;
+}
+
+}  // namespace perseus
