@@ -38,8 +38,9 @@ inline std::vector<int64_t> shape_of(const Ort::ConstValue& v) { return v.GetTen
 // Sums of 16 accumulators in one vector, lane 4 * i + j = sum of acc[4 * i + j] (an add/shuffle
 // network: ~45 instructions where 16 separate horizontal sums take ~160).
 PERSEUS_TARGET("avx512f")
-inline __m512 sum16(const __m512* acc) {
+__attribute__((always_inline)) inline __m512 sum16(const __m512* acc) {
   __m512 lanes[4];
+  #pragma GCC unroll 16
   for (int i = 0; i < 4; ++i) {
     const __m512* a = acc + 4 * i;
     __m512 p01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));

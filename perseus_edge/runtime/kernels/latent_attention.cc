@@ -98,10 +98,11 @@ void accumulate_generic(const Rows& a, int64_t s0, int64_t s1, const float* p, f
 // acc[4 h + i] += q[h] . rows[i] over `width` columns, for 4 query rows q (stride q_stride) and
 // 4 consecutive cache rows: 16 independent FMA chains, each vector loaded once.
 PERSEUS_TARGET("avx512f")
-inline void dot_4x4(const float* q, int64_t q_stride, const float* rows, int64_t width, __m512* acc) {
+__attribute__((always_inline)) inline void dot_4x4(const float* q, int64_t q_stride, const float* rows, int64_t width, __m512* acc) {
   for (int64_t j = 0; j < width; j += 16) {
     const __m512 r0 = _mm512_loadu_ps(rows + j), r1 = _mm512_loadu_ps(rows + width + j);
     const __m512 r2 = _mm512_loadu_ps(rows + 2 * width + j), r3 = _mm512_loadu_ps(rows + 3 * width + j);
+    #pragma GCC unroll 16
     for (int h = 0; h < 4; ++h) {
       const __m512 qv = _mm512_loadu_ps(q + h * q_stride + j);
       acc[4 * h] = _mm512_fmadd_ps(qv, r0, acc[4 * h]);
@@ -122,11 +123,13 @@ void scores_avx512(const Rows& a, int64_t s0, int64_t s1, float* sc) {
     const int64_t valid = std::min<int64_t>(4, s1 - s);
     for (int64_t h0 = 0; h0 < a.heads; h0 += 4) {
       __m512 acc[16];
+      #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
       dot_4x4(a.ql + h0 * a.r, a.r, a.C + s * a.r, a.r, acc);  // q_lat . c_kv
       dot_4x4(a.qr + h0 * a.rope, a.rope, a.K + s * a.rope, a.rope, acc);  // + q_rope . k_rope
       alignas(64) float out[16];
       _mm512_store_ps(out, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(a.scale)));
+      #pragma GCC unroll 16
       for (int h = 0; h < 4; ++h)
         for (int64_t i = 0; i < valid; ++i) sc[(h0 + h) * n + (s - s0) + i] = out[4 * h + i];
     }
@@ -178,13 +181,16 @@ void accumulate_avx512(const Rows& a, int64_t s0, int64_t s1, const float* p, fl
   for (int64_t h0 = 0; h0 < a.heads; h0 += 4)
     for (int64_t j0 = 0; j0 < r; j0 += 64) {
       __m512 acc[4][4];
+      #pragma GCC unroll 16
       for (int h = 0; h < 4; ++h)
+        #pragma GCC unroll 16
         for (int q = 0; q < 4; ++q) acc[h][q] = _mm512_loadu_ps(o + (h0 + h) * r + j0 + 16 * q);
       const float* c = a.C + s0 * r + j0;
       const float* ph = p + h0 * n;
       for (int64_t i = 0; i < n; ++i, c += r) {
         const __m512 c0 = _mm512_loadu_ps(c), c1 = _mm512_loadu_ps(c + 16);
         const __m512 c2 = _mm512_loadu_ps(c + 32), c3 = _mm512_loadu_ps(c + 48);
+        #pragma GCC unroll 16
         for (int h = 0; h < 4; ++h) {
           const __m512 w = _mm512_set1_ps(ph[h * n + i]);
           acc[h][0] = _mm512_fmadd_ps(w, c0, acc[h][0]);
@@ -193,7 +199,9 @@ void accumulate_avx512(const Rows& a, int64_t s0, int64_t s1, const float* p, fl
           acc[h][3] = _mm512_fmadd_ps(w, c3, acc[h][3]);
         }
       }
+      #pragma GCC unroll 16
       for (int h = 0; h < 4; ++h)
+        #pragma GCC unroll 16
         for (int q = 0; q < 4; ++q) _mm512_storeu_ps(o + (h0 + h) * r + j0 + 16 * q, acc[h][q]);
     }
 }
@@ -251,17 +259,24 @@ template <int R, int Q>
 PERSEUS_TARGET("avx512f")
 void gemm_block(const float* x, int64_t x_stride, const float* w, int64_t K, int64_t N, float* y, int64_t y_stride) {
   __m512 acc[R][Q];
+  #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
+    #pragma GCC unroll 16
     for (int q = 0; q < Q; ++q) acc[i][q] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     __m512 wv[Q];
+    #pragma GCC unroll 16
     for (int q = 0; q < Q; ++q) wv[q] = _mm512_loadu_ps(w + k * N + 16 * q);
+    #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       const __m512 xb = _mm512_set1_ps(x[i * x_stride + k]);
+      #pragma GCC unroll 16
       for (int q = 0; q < Q; ++q) acc[i][q] = _mm512_fmadd_ps(xb, wv[q], acc[i][q]);
     }
   }
+  #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
+    #pragma GCC unroll 16
     for (int q = 0; q < Q; ++q) _mm512_storeu_ps(y + i * y_stride + 16 * q, acc[i][q]);
 }
 
@@ -343,14 +358,17 @@ template <int NV>
 PERSEUS_TARGET("avx512f,avx512bw,avx512vnni")
 void int8_columns_vnni(const uint8_t* x, const int8_t* base, int64_t K4, int64_t N, int32_t* acc) {
   __m512i a[NV];
+  #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) a[v] = _mm512_setzero_si512();
   for (int64_t k4 = 0; k4 < K4; ++k4) {
     int32_t four;  // bytes past K meet zero codes (the buffer has 4 bytes of slack)
     std::memcpy(&four, x + 4 * k4, 4);
     const __m512i xv = _mm512_set1_epi32(four);
     const int8_t* row = base + k4 * N * 4;
+    #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) a[v] = _mm512_dpbusd_epi32(a[v], xv, _mm512_loadu_si512(row + 64 * v));
   }
+  #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) _mm512_storeu_si512(acc + 16 * v, a[v]);
 }
 
@@ -407,7 +425,7 @@ struct HeadMatmul {
       if (m.packed) head_int8(m.q.data(), m.xs, m.zp, m.rows, *m.packed, m.wscale, static_cast<int64_t>(h), m.y);
       else head_f32(m.x, m.rows, m.w, m.H, m.K, m.N, static_cast<int64_t>(h), m.y);
     };
-    if (rows >= 8 && H > 1) ctx.ParallelFor(one, static_cast<size_t>(H), 0, this);
+    if (H > 1) ctx.ParallelFor(one, static_cast<size_t>(H), 0, this);
     else for (int64_t h = 0; h < H; ++h) one(this, static_cast<size_t>(h));
   }
 };

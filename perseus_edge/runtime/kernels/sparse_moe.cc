@@ -74,21 +74,26 @@ inline __m512 weights16(const Experts& w, int64_t row, int64_t k, __mmask16 m) {
 template <bool CODES, int ROWS, int R>
 PERSEUS_TARGET("avx512f,avx512bw")
 void rows_dot(const Experts& w, int64_t e, int64_t n0, const float* const* x, float* out) {
-  __m512 acc[ROWS * R];
+  __m512 acc[ROWS * R];  // every loop over them fully unrolled: the accumulators stay in registers
+  #pragma GCC unroll 16
   for (int i = 0; i < ROWS * R; ++i) acc[i] = _mm512_setzero_ps();
   const int64_t row0 = e * w.N + n0;
   for (int64_t k = 0; k < w.K; k += 16) {
     const __mmask16 m = first(w.K - k);
     __m512 xv[R];
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) xv[r] = _mm512_maskz_loadu_ps(m, x[r] + k);
+    #pragma GCC unroll 16
     for (int i = 0; i < ROWS; ++i) {
       const __m512 wv = weights16<CODES>(w, row0 + i, k, m);
+      #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) acc[r * ROWS + i] = _mm512_fmadd_ps(xv[r], wv, acc[r * ROWS + i]);
     }
   }
   if constexpr (ROWS == 16 && R == 1) {
     _mm512_storeu_ps(out, sum16(acc));
   } else {
+    #pragma GCC unroll 16
     for (int i = 0; i < ROWS * R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
   }
 }
@@ -101,6 +106,7 @@ float row_dot(const Experts& w, int64_t row, const float* x) {
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   int64_t k = 0;
   for (; k + 64 <= w.K; k += 64)
+    #pragma GCC unroll 16
     for (int j = 0; j < 4; ++j)
       acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16 * j), weights16<CODES>(w, row, k + 16 * j, 0xFFFF), acc[j]);
   for (; k < w.K; k += 16) {
@@ -137,6 +143,36 @@ void rows_avx512(const Experts& w, int64_t e, int64_t n0, int64_t n1, const floa
     for (int64_t r = 0; r < count; ++r) rows_dot<CODES, 1, 1>(w, e, n, x + r, out + r * width + (n - n0));
 }
 #endif
+
+#ifdef PERSEUS_X86
+// logits [E] = x [d] . router [d, E]: 64 experts at a time, x broadcast along the router's rows.
+PERSEUS_TARGET("avx512f")
+void router_logits_avx512(const float* x, const float* router, int64_t d, int64_t E, float* logits) {
+  for (int64_t e0 = 0; e0 < E; e0 += 64) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __mmask16 m[4];
+    #pragma GCC unroll 16
+    for (int j = 0; j < 4; ++j) m[j] = first(std::max<int64_t>(0, E - e0 - 16 * j));
+    for (int64_t k = 0; k < d; ++k) {
+      const __m512 xk = _mm512_set1_ps(x[k]);
+      #pragma GCC unroll 16
+      for (int j = 0; j < 4; ++j)
+        acc[j] = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(m[j], router + k * E + e0 + 16 * j), acc[j]);
+    }
+    #pragma GCC unroll 16
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(logits + e0 + 16 * j, m[j], acc[j]);
+  }
+}
+#endif
+
+void router_logits(const float* x, const float* router, int64_t d, int64_t E, float* logits) {
+#ifdef PERSEUS_X86
+  if (g_avx512) return router_logits_avx512(x, router, d, E, logits);
+#endif
+  std::fill(logits, logits + E, 0.f);
+  for (int64_t k = 0; k < d; ++k)
+    for (int64_t e = 0; e < E; ++e) logits[e] += x[k] * router[k * E + e];
+}
 
 // Rows [n0, n1) of expert e times `count` token vectors, 4 at a time: out(i, n, value).
 template <class Out>
@@ -236,10 +272,7 @@ struct SparseMoEKernel {
     std::vector<float> score(E), choice(E), weight(tokens * top_k);
     std::vector<int64_t> expert(tokens * top_k);
     for (int64_t t = 0; t < tokens; ++t) {
-      std::fill(score.begin(), score.end(), 0.f);
-      const float* xt = x + t * d;
-      for (int64_t k = 0; k < d; ++k)
-        for (int64_t e = 0; e < E; ++e) score[e] += xt[k] * router[k * E + e];
+      router_logits(x + t * d, router, d, E, score.data());
       for (int64_t e = 0; e < E; ++e) {
         score[e] = 1.0f / (1.0f + std::exp(-score[e]));
         choice[e] = score[e] + bias[e];
