@@ -129,3 +129,86 @@ def test_out_of_range_position_is_an_error_not_a_write(folders):
     with pytest.raises(Exception, match="perseus.LatentAttention: position"):
         session(np.array([[5]]), session.max_context)
     assert all(np.array_equal(before[k], session.caches[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------- perseus.SparseMoE alone
+def _sparse_moe_session(top_k: int, normalize: int, scaling: float, block: int | None, generic: bool,
+                        monkeypatch):
+    """A one-node graph: perseus.SparseMoE over float experts, or 8-bit codes + scales (blocks of
+    `block`); inputs x, router, router_bias, fc1, fc2 (+ scales) are fed at run time."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if generic:
+        monkeypatch.setenv("PERSEUS_KERNELS_GENERIC", "1")
+    codes = TensorProto.UINT8 if block else TensorProto.FLOAT
+    names = ["x", "router", "router_bias", "fc1", "fc2"] + (["fc1_scale", "fc2_scale"] if block else [])
+    inputs = [helper.make_tensor_value_info(n, codes if n in ("fc1", "fc2") else TensorProto.FLOAT, None)
+              for n in names]  # no shapes: the kernel checks them
+    node = helper.make_node(mf.OP_SPARSE_MOE, [i.name for i in inputs], ["y"], domain=mf.PERSEUS_DOMAIN,
+                            top_k=top_k, normalize=normalize, scaling=scaling)
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24), helper.make_opsetid(mf.PERSEUS_DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(LIBRARY))
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        if "SparseMoE" in str(e):
+            pytest.skip("perseus.SparseMoE is registered only on CPUs with AVX-512")
+        raise
+
+
+def _sparse_moe_reference(x, router, bias, fc1, fc2, top_k, normalize, scaling):
+    """numpy: sigmoid scores, top-k of score + bias (lower index first on ties), SwiGLU experts
+    with gate / up rows interleaved in fc1 [E, 2F, d], fc2 [E, d, F]."""
+    tokens = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    y = np.zeros_like(tokens)
+    for t, v in enumerate(tokens):
+        score = 1 / (1 + np.exp(-(v @ router)))
+        chosen = np.argsort(-(score + bias), kind="stable")[:top_k]
+        weights = score[chosen] / (score[chosen].sum() if normalize else 1.0) * scaling
+        for e, w in zip(chosen, weights):
+            h = fc1[e] @ v
+            gate, up = h[0::2], h[1::2]
+            y[t] += w * (fc2[e] @ (gate / (1 + np.exp(-gate)) * up))
+    return y.reshape(x.shape)
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("d,F,block,T", [(64, 16, None, 1), (64, 16, None, 7), (20, 6, None, 5),
+                                         (64, 32, 16, 1), (64, 32, 32, 9)])
+def test_sparse_moe_matches_numpy(d, F, block, T, generic, monkeypatch):
+    """The native perseus.SparseMoE against a numpy reference: decode (T=1) and a prompt (tokens
+    grouped by expert), float experts of any width (masked vector tails) and 8-bit blocks."""
+    E, top_k = 8, 3
+    rng = np.random.default_rng(d + F + T)
+    x = rng.standard_normal((1, T, d)).astype(np.float32)
+    router = (rng.standard_normal((d, E)) / np.sqrt(d)).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(E)).astype(np.float32)
+    fc1 = (rng.standard_normal((E, 2 * F, d)) / np.sqrt(d)).astype(np.float32)
+    fc2 = (rng.standard_normal((E, d, F)) / np.sqrt(F)).astype(np.float32)
+    feed = {"x": x, "router": router, "router_bias": bias}
+    if block:  # symmetric 8-bit blocks: w = (code - 128) * scale
+        for name, w in (("fc1", fc1), ("fc2", fc2)):
+            q = rng.integers(0, 256, w.shape).astype(np.uint8)
+            scale = (rng.random(w.shape[:2] + (w.shape[2] // block,)) / 64).astype(np.float32)
+            feed[name], feed[f"{name}_scale"] = q, scale
+            w[...] = (q.astype(np.float32) - 128) * np.repeat(scale, block, axis=2)
+    else:
+        feed.update(fc1=fc1, fc2=fc2)
+    for normalize, scaling in ((1, 1.0), (0, 2.5)):
+        session = _sparse_moe_session(top_k, normalize, scaling, block, generic, monkeypatch)
+        got = session.run(None, feed)[0]
+        want = _sparse_moe_reference(x, router, bias, fc1, fc2, top_k, normalize, scaling)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_sparse_moe_refuses_mismatched_experts(monkeypatch):
+    """Experts whose shapes disagree with x and the router are an error naming the input."""
+    session = _sparse_moe_session(2, 1, 1.0, None, False, monkeypatch)
+    feed = {"x": np.ones((1, 1, 32), np.float32), "router": np.ones((32, 4), np.float32),
+            "router_bias": np.zeros(4, np.float32), "fc1": np.ones((4, 32, 32), np.float32),
+            "fc2": np.ones((4, 32, 15), np.float32)}
+    with pytest.raises(Exception, match="perseus.SparseMoE: fc2 has the wrong shape"):
+        session.run(None, feed)

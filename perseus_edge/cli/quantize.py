@@ -20,7 +20,7 @@ def quantize(
                                help="int8 (dynamic int8 matmuls), int4 (block-wise weight-only, MatMulNBits), "
                                     "fp16 (weight storage) or fp32 (weights untouched; with --kv-cache int8)."),
     target: str = typer.Option("ort-cpu", "--target",
-                               help="Lowering after quantization: ort-cpu (onnxruntime CPU kernels, experts in QMoE: "
+                               help="Lowering after quantization: ort-cpu (onnxruntime CPU kernels + perseus.SparseMoE: "
                                     "what `perseus run` is fastest on), or portable (standard ONNX + perseus functions)."),
     isa: str = typer.Option("auto", "--isa",
                             help="Instruction-set settings: auto (this machine), avx512_vnni, avx512, avx2, arm64."),

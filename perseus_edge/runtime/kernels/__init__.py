@@ -4,13 +4,18 @@
 
 `latent_attention.cc` computes `perseus.LatentAttention` (MLA over the latent cache) as one
 kernel where the op's portable function body runs ~27 onnxruntime kernels per layer; a decode
-step of a small model is bound by that count (studies/perf/README.md, section 11). setup.py
-builds it at install time, optionally: without a C++ compiler the install still succeeds.
+step of a small model is bound by that count (studies/perf/README.md, section 11).
+`sparse_moe.cc` computes `perseus.SparseMoE` (ort-cpu's routed experts: the routing and the
+selected experts, float or 8-bit blocks) where its body runs onnxruntime's MoE / QMoE (section
+12); it is registered only on CPUs with AVX-512. `library.cc` registers them, `common.h` holds
+what they share. setup.py builds the library at install time, optionally: without a C++
+compiler the install still succeeds.
 
 The graph is the same with or without it: onnxruntime runs a registered kernel in place of the
-op's function body. The kernel knows the float-cache signatures (W_UK / W_UV float, or int8 with
-scales); onnxruntime refuses a graph whose op has another one (an int8 cache), and the session
-then loads without the library (`runtime.session.create_session`).
+op's function body (and inlines the body of an op the library does not register). The kernels
+know the float-cache signatures (W_UK / W_UV float, or int8 with scales); onnxruntime refuses a
+graph whose op has another one (an int8 cache), and the session then loads without the library
+(`runtime.session.create_session`).
 """
 
 from __future__ import annotations

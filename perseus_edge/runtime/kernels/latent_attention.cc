@@ -1,4 +1,5 @@
-// perseus.LatentAttention as one native onnxruntime kernel: the `perseus` custom-op library.
+// perseus.LatentAttention as one native onnxruntime kernel (of the `perseus` custom-op library,
+// registered by library.cc).
 //
 // Why by hand: the op's portable body (perseus_edge/export/ops.py, plus the int8 W_UK / W_UV
 // variant of perseus_edge/quantize/rewrite.py) runs as ~27 onnxruntime kernels per layer, and a
@@ -20,8 +21,8 @@
 // Outputs bound to the same buffers as the past inputs (the runtime's IO binding) are updated in
 // place; otherwise the past rows are copied first.
 //
-// Built by setup.py as an optional extension; perseus_edge/runtime/kernels/__init__.py finds it
-// and the runtime registers it with the session (PERSEUS_KERNELS=0 turns it off).
+// Built by setup.py as an optional extension; perseus_edge/runtime/kernels/__init__.py finds the
+// library and the runtime registers it with the session (PERSEUS_KERNELS=0 turns it off).
 
 #include "common.h"
 
