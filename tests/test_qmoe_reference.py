@@ -149,17 +149,14 @@ def test_qmoe_equals_its_dequantized_experts(folders, tmp_path, scheme, monkeypa
     _assert_same_logits(quant[scheme], _dequantized_reference(quant[scheme], fp32_dir, tmp_path / "deq"))
 
 
-@pytest.mark.parametrize("generic", [False, True])
-def test_native_sparse_moe_equals_its_dequantized_experts(folders, tmp_path, generic, monkeypatch):
+def test_native_sparse_moe_equals_its_dequantized_experts(folders, tmp_path):
     """The native perseus.SparseMoE (runtime/kernels/sparse_moe.cc) on 8-bit codes equals itself on
-    the float experts they encode (whose float path equals PyTorch and the body: test_kernels.py),
-    on its AVX-512 loops and on its portable ones. (int4 experts keep QMoE: lower/qmoe.py.)"""
+    the float experts they encode (whose float path equals PyTorch and the body: test_kernels.py).
+    (int4 experts keep QMoE: lower/qmoe.py.)"""
     scheme = "int8"
     from perseus_edge.runtime import kernels
 
     if kernels.library() is None:
         pytest.skip("native kernels not built")
-    if generic:
-        monkeypatch.setenv("PERSEUS_KERNELS_GENERIC", "1")
     fp32_dir, quant = folders
     _assert_same_logits(quant[scheme], _dequantized_reference(quant[scheme], fp32_dir, tmp_path / "deq"))

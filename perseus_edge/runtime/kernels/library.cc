@@ -13,21 +13,22 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
     return oldest->CreateStatus(ORT_FAIL, "perseus kernels need onnxruntime >= 1.21");
   }
   Ort::InitApi(g_api);
-  bool cpu_avx512 = false;
+  bool moe = false;  // SparseMoE has AVX-512 loops only: elsewhere the op's body runs
 #ifdef PERSEUS_X86
   __builtin_cpu_init();
-  cpu_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  const char* generic = std::getenv("PERSEUS_KERNELS_GENERIC");  // tests: the portable C++ paths
+  const char* generic = std::getenv("PERSEUS_KERNELS_GENERIC");  // tests: as on a CPU without AVX-512
   g_avx512 = !(generic && *generic == '1') && __builtin_cpu_supports("avx512f");
   g_vnni = g_avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  moe = g_avx512 && __builtin_cpu_supports("avx512bw") && sparse_moe_op() != nullptr;
 #endif
-  static Ort::CustomOpDomain domain("perseus");
+  // Two domains, each filled once and kept for the process (sessions refer to them); a domain
+  // without an op leaves onnxruntime to inline that op's function body.
+  static Ort::CustomOpDomain all("perseus"), attention("perseus");
   static std::once_flag added;
-  std::call_once(added, [cpu_avx512] {
-    domain.Add(latent_attention_op());
-    // SparseMoE beats onnxruntime's MoE / QMoE kernels only with its AVX-512 loops: on other CPUs
-    // the op's body runs (a registered domain without the op still inlines its function)
-    if (cpu_avx512) domain.Add(sparse_moe_op());
+  std::call_once(added, [] {
+    all.Add(latent_attention_op());
+    if (sparse_moe_op() != nullptr) all.Add(sparse_moe_op());
+    attention.Add(latent_attention_op());
   });
-  return g_api->AddCustomOpDomain(options, domain);
+  return g_api->AddCustomOpDomain(options, moe ? all : attention);
 }

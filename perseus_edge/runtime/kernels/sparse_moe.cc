@@ -17,13 +17,13 @@
 // multiplied in float32, so the result is the float op's on the weights the codes encode (4-bit
 // experts keep onnxruntime's QMoE: lower/qmoe.py says why). Tokens are grouped by expert, so a
 // prompt reads each selected expert once per 4 tokens; experts, then output rows, are split over
-// the session's threads. AVX-512 only: library.cc registers it where the CPU has AVX-512, and
-// elsewhere onnxruntime runs the op's body (the portable loops here serve shapes the vector loops
-// do not take, and the tests).
+// the session's threads. AVX-512 only: library.cc registers it where the CPU has it (not with
+// PERSEUS_KERNELS_GENERIC=1), and elsewhere onnxruntime runs the op's body.
 
 #include "common.h"
 
 namespace perseus {
+#ifdef PERSEUS_X86
 namespace {
 
 OrtStatus* fail(const std::string& message) { return fail_status("perseus.SparseMoE", message); }
@@ -36,18 +36,6 @@ struct Experts {
   int shift = 0;  // log2(block) where the block is a power of two
 };
 
-// y[r] = row n of expert e . x[r], for R token vectors x[r] (any sizes, plain C++).
-void row_dot_generic(const Experts& w, int64_t e, int64_t n, const float* const* x, int64_t R, float* y) {
-  std::fill(y, y + R, 0.f);
-  const int64_t row = e * w.N + n;
-  for (int64_t k = 0; k < w.K; ++k) {
-    const float v = w.f != nullptr ? w.f[row * w.K + k]
-                                   : (static_cast<float>(w.q[row * w.K + k]) - 128.f) * w.scale[row * w.blocks + k / w.block];
-    for (int64_t r = 0; r < R; ++r) y[r] += x[r][k] * v;
-  }
-}
-
-#ifdef PERSEUS_X86
 inline __mmask16 first(int64_t count) {  // lanes [0, count) of 16
   return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
 }
@@ -142,9 +130,7 @@ void rows_avx512(const Experts& w, int64_t e, int64_t n0, int64_t n1, const floa
   for (; n < n1; ++n)  // the last rows, a token at a time
     for (int64_t r = 0; r < count; ++r) rows_dot<CODES, 1, 1>(w, e, n, x + r, out + r * width + (n - n0));
 }
-#endif
 
-#ifdef PERSEUS_X86
 // logits [E] = x [d] . router [d, E]: 64 experts at a time, x broadcast along the router's rows.
 PERSEUS_TARGET("avx512f")
 void router_logits_avx512(const float* x, const float* router, int64_t d, int64_t E, float* logits) {
@@ -163,36 +149,17 @@ void router_logits_avx512(const float* x, const float* router, int64_t d, int64_
     for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(logits + e0 + 16 * j, m[j], acc[j]);
   }
 }
-#endif
-
-void router_logits(const float* x, const float* router, int64_t d, int64_t E, float* logits) {
-#ifdef PERSEUS_X86
-  if (g_avx512) return router_logits_avx512(x, router, d, E, logits);
-#endif
-  std::fill(logits, logits + E, 0.f);
-  for (int64_t k = 0; k < d; ++k)
-    for (int64_t e = 0; e < E; ++e) logits[e] += x[k] * router[k * E + e];
-}
 
 // Rows [n0, n1) of expert e times `count` token vectors, 4 at a time: out(i, n, value).
 template <class Out>
-void rows_times_tokens(const Experts& w, bool wide, int64_t e, int64_t n0, int64_t n1, const float* const* x,
-                       int64_t count, Out out) {
+void rows_times_tokens(const Experts& w, int64_t e, int64_t n0, int64_t n1, const float* const* x, int64_t count,
+                       Out out) {
   const int64_t width = n1 - n0;
   std::vector<float> y(4 * width);
   for (int64_t i = 0; i < count; i += 4) {
     const int64_t r = std::min<int64_t>(4, count - i);
-#ifdef PERSEUS_X86
-    if (wide && w.f != nullptr) rows_avx512<false>(w, e, n0, n1, x + i, r, y.data()); else
-    if (wide) rows_avx512<true>(w, e, n0, n1, x + i, r, y.data()); else
-#endif
-    {
-      float v[4];
-      for (int64_t n = n0; n < n1; ++n) {
-        row_dot_generic(w, e, n, x + i, r, v);
-        for (int64_t j = 0; j < r; ++j) y[j * width + (n - n0)] = v[j];
-      }
-    }
+    if (w.f != nullptr) rows_avx512<false>(w, e, n0, n1, x + i, r, y.data());
+    else rows_avx512<true>(w, e, n0, n1, x + i, r, y.data());
     for (int64_t j = 0; j < r; ++j)
       for (int64_t n = n0; n < n1; ++n) out(i + j, n, y[j * width + (n - n0)]);
   }
@@ -240,6 +207,8 @@ struct SparseMoEKernel {
     w.scale = ctx.GetInput(scale_at).GetTensorData<float>();
     w.blocks = sc[2], w.block = K / sc[2];
     while ((int64_t{1} << w.shift) < w.block) ++w.shift;
+    if (w.block < 16 || w.block != int64_t{1} << w.shift)  // what QMoE takes, and 16 codes per vector
+      return name + ": blocks of a power of two >= 16 expected, got " + std::to_string(w.block);
     return "";
   }
 
@@ -254,10 +223,6 @@ struct SparseMoEKernel {
     std::string bad = side(ctx, 3, 5, E, 2 * F, d, fc1);
     if (bad.empty()) bad = side(ctx, 4, 6, E, d, F, fc2);
     if (!bad.empty()) return fail(bad);
-    auto vector_loops_take = [](const Experts& w) {  // float rows of any length; 16 codes in one block
-      return w.f != nullptr || (w.block >= 16 && w.block == int64_t{1} << w.shift);
-    };
-    const bool wide = g_avx512 && vector_loops_take(fc1) && vector_loops_take(fc2);
 
     auto y_v = ctx.GetOutput(0, xs);
     float* y = y_v.GetTensorMutableData<float>();
@@ -272,7 +237,7 @@ struct SparseMoEKernel {
     std::vector<float> score(E), choice(E), weight(tokens * top_k);
     std::vector<int64_t> expert(tokens * top_k);
     for (int64_t t = 0; t < tokens; ++t) {
-      router_logits(x + t * d, router, d, E, score.data());
+      router_logits_avx512(x + t * d, router, d, E, score.data());
       for (int64_t e = 0; e < E; ++e) {
         score[e] = 1.0f / (1.0f + std::exp(-score[e]));
         choice[e] = score[e] + bias[e];
@@ -295,12 +260,12 @@ struct SparseMoEKernel {
       if (!slots[e].empty()) active.push_back(e);
 
     struct Job {
-      const Experts *fc1, *fc2; bool wide; const float* x; int64_t d, F, top_k, rows_per_item;
+      const Experts *fc1, *fc2; const float* x; int64_t d, F, top_k, rows_per_item;
       const std::vector<std::vector<int64_t>>* slots; const std::vector<int64_t>* active;
       const float* weight; float *act, *y;
     };
     std::vector<float> act(tokens * top_k * F);  // [slot, F]: silu(gate) * up of the slot's expert
-    Job job{&fc1, &fc2, wide, x, d, F, top_k, 64, &slots, &active, weight.data(), act.data(), y};
+    Job job{&fc1, &fc2, x, d, F, top_k, 64, &slots, &active, weight.data(), act.data(), y};
     auto expand = [](void* data, size_t item) {  // fc1 + SwiGLU of one active expert, its tokens 4 at a time
       const Job& j = *static_cast<const Job*>(data);
       const int64_t e = (*j.active)[item];
@@ -309,7 +274,7 @@ struct SparseMoEKernel {
       std::vector<const float*> in(count);
       for (int64_t i = 0; i < count; ++i) in[i] = j.x + (mine[i] / j.top_k) * j.d;
       std::vector<float> h(2 * j.F);
-      rows_times_tokens(*j.fc1, j.wide, e, 0, 2 * j.F, in.data(), count, [&](int64_t i, int64_t n, float v) {
+      rows_times_tokens(*j.fc1, e, 0, 2 * j.F, in.data(), count, [&](int64_t i, int64_t n, float v) {
         h[n] = v;
         if (n % 2 == 1) {  // gate n - 1, up n: one hidden unit
           const float gate = h[n - 1];
@@ -324,7 +289,7 @@ struct SparseMoEKernel {
         const auto& mine = (*j.slots)[e];
         std::vector<const float*> in(mine.size());
         for (size_t i = 0; i < mine.size(); ++i) in[i] = j.act + mine[i] * j.F;
-        rows_times_tokens(*j.fc2, j.wide, e, n0, n1, in.data(), static_cast<int64_t>(mine.size()),
+        rows_times_tokens(*j.fc2, e, n0, n1, in.data(), static_cast<int64_t>(mine.size()),
                           [&](int64_t i, int64_t n, float v) { j.y[(mine[i] / j.top_k) * j.d + n] += j.weight[mine[i]] * v; });
       }
     };
@@ -365,5 +330,8 @@ const OrtCustomOp* sparse_moe_op() {
   static SparseMoEOp op;
   return &op;
 }
+#else
+const OrtCustomOp* sparse_moe_op() { return nullptr; }  // not on this architecture: the body runs
+#endif
 
 }  // namespace perseus
