@@ -59,6 +59,20 @@ def gemm_gflops(threads: int, n: int = 1024, runs: int = 5, integer: bool = Fals
     return 2 * n ** 3 / best / 1e9
 
 
+def best_seconds(part, threads: int, runs: int) -> float:
+    """Best wall time of `runs` runs of part(0) .. part(threads - 1), each on its own thread."""
+    best = float("inf")
+    for _ in range(runs):
+        workers = [threading.Thread(target=part, args=(i,)) for i in range(threads)]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def copy_gbs(threads: int, mib: int = 256, runs: int = 5) -> float:
     """Best GB/s (read + write) of a streaming copy of `mib` MiB split over `threads` threads."""
     n = mib * 2 ** 20 // 4
@@ -70,16 +84,7 @@ def copy_gbs(threads: int, mib: int = 256, runs: int = 5) -> float:
         lo, hi = i * n // threads, (i + 1) * n // threads
         np.copyto(dst[lo:hi], src[lo:hi])  # numpy releases the GIL for plain copies
 
-    best = float("inf")
-    for _ in range(runs):
-        workers = [threading.Thread(target=part, args=(i,)) for i in range(threads)]
-        t0 = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best / 1e9
+    return 2 * src.nbytes / best_seconds(part, threads, runs) / 1e9
 
 
 def measure_peaks(threads=(1, 2), quick: bool = False) -> dict:

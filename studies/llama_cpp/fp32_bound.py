@@ -1,6 +1,6 @@
 """Is 1.5x llama.cpp reachable at fp32? A decode step's memory bound against both engines.
 
-    python studies/llama_cpp/fp32_bound.py --work /tmp/sbs2 --bench studies/results/llama_cpp/bench.json
+    PYTHONPATH=$PWD python studies/llama_cpp/fp32_bound.py --work /tmp/sbs2 --bench studies/results/llama_cpp/bench.json
 
 For each model's fp32 folder: the bytes one decode step reads (`perseus_edge.bench.graphinfo.
 decode_cost`: every weight it multiplies by once, the selected experts only, one embedding row,
@@ -19,13 +19,13 @@ import argparse
 import json
 import os
 import statistics
-import threading
-import time
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one BLAS thread per Python thread below
 
 import numpy as np  # noqa: E402
+
+from studies.cpu.roofline import best_seconds  # noqa: E402
 
 
 def read_gbs(threads: int, mib: int = 512, runs: int = 5) -> float:
@@ -38,16 +38,7 @@ def read_gbs(threads: int, mib: int = 512, runs: int = 5) -> float:
         lo, hi = i * n // threads, (i + 1) * n // threads
         float(np.dot(data[lo:hi], ones[lo:hi]))  # BLAS releases the GIL
 
-    best = float("inf")
-    for _ in range(runs):
-        workers = [threading.Thread(target=part, args=(i,)) for i in range(threads)]
-        t0 = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * data.nbytes / best / 1e9  # both operands are read
+    return 2 * data.nbytes / best_seconds(part, threads, runs) / 1e9  # both operands are read
 
 
 def main() -> None:
