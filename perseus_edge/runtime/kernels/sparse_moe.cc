@@ -155,11 +155,13 @@ template <class Out>
 void rows_times_tokens(const Experts& w, int64_t e, int64_t n0, int64_t n1, const float* const* x, int64_t count,
                        Out out) {
   const int64_t width = n1 - n0;
-  std::vector<float> y(4 * width);
+  float small[4 * 64];  // a decode step's output ranges (64 rows) need no heap
+  std::vector<float> large;
+  float* y = 4 * width <= 4 * 64 ? small : (large.resize(4 * width), large.data());
   for (int64_t i = 0; i < count; i += 4) {
     const int64_t r = std::min<int64_t>(4, count - i);
-    if (w.f != nullptr) rows_avx512<false>(w, e, n0, n1, x + i, r, y.data());
-    else rows_avx512<true>(w, e, n0, n1, x + i, r, y.data());
+    if (w.f != nullptr) rows_avx512<false>(w, e, n0, n1, x + i, r, y);
+    else rows_avx512<true>(w, e, n0, n1, x + i, r, y);
     for (int64_t j = 0; j < r; ++j)
       for (int64_t n = n0; n < n1; ++n) out(i + j, n, y[j * width + (n - n0)]);
   }
@@ -262,10 +264,14 @@ struct SparseMoEKernel {
     struct Job {
       const Experts *fc1, *fc2; const float* x; int64_t d, F, top_k, rows_per_item;
       const std::vector<std::vector<int64_t>>* slots; const std::vector<int64_t>* active;
+      const std::vector<std::vector<const float*>>* acts;  // per active expert: its slots' act rows
       const float* weight; float *act, *y;
     };
     std::vector<float> act(tokens * top_k * F);  // [slot, F]: silu(gate) * up of the slot's expert
-    Job job{&fc1, &fc2, x, d, F, top_k, 64, &slots, &active, weight.data(), act.data(), y};
+    std::vector<std::vector<const float*>> acts(active.size());
+    for (size_t a = 0; a < active.size(); ++a)
+      for (const int64_t slot : slots[active[a]]) acts[a].push_back(act.data() + slot * F);
+    Job job{&fc1, &fc2, x, d, F, top_k, 64, &slots, &active, &acts, weight.data(), act.data(), y};
     auto expand = [](void* data, size_t item) {  // fc1 + SwiGLU of one active expert, its tokens 4 at a time
       const Job& j = *static_cast<const Job*>(data);
       const int64_t e = (*j.active)[item];
@@ -285,11 +291,10 @@ struct SparseMoEKernel {
     auto contract = [](void* data, size_t item) {  // fc2 for a range of output rows, every active expert
       const Job& j = *static_cast<const Job*>(data);
       const int64_t n0 = static_cast<int64_t>(item) * j.rows_per_item, n1 = std::min(j.d, n0 + j.rows_per_item);
-      for (const int64_t e : *j.active) {
+      for (size_t a = 0; a < j.active->size(); ++a) {
+        const int64_t e = (*j.active)[a];
         const auto& mine = (*j.slots)[e];
-        std::vector<const float*> in(mine.size());
-        for (size_t i = 0; i < mine.size(); ++i) in[i] = j.act + mine[i] * j.F;
-        rows_times_tokens(*j.fc2, e, n0, n1, in.data(), static_cast<int64_t>(mine.size()),
+        rows_times_tokens(*j.fc2, e, n0, n1, (*j.acts)[a].data(), static_cast<int64_t>(mine.size()),
                           [&](int64_t i, int64_t n, float v) { j.y[(mine[i] / j.top_k) * j.d + n] += j.weight[mine[i]] * v; });
       }
     };
