@@ -28,7 +28,9 @@ def to_qmoe(model: onnx.ModelProto, quant: MatMulQuant) -> dict:
     int8: 8-bit blocks, symmetric (implicit zero point 128); the calls stay, so the native kernel
     (runtime/kernels/sparse_moe.cc) runs them where it is built. int4: 4-bit blocks with zero
     points, the body inlined into the graph: onnxruntime's 4-bit QMoE (int8 dot products on the
-    quantized activations) measured faster than the kernel's float math (studies/perf/README.md).
+    quantized activations, over weights it prepacks) measured faster than the kernel's float math
+    and than an integer path on this row layout (studies/perf/README.md, section 12); with
+    fp32 activations asked for (accuracy_level 0) as well.
     Blocks for 8-bit too: onnxruntime's block-wise path is faster at decode than its
     per-column one (studies/perf/README.md: 1.2x per 54M int8 step). The kernel needs hidden and
     expert widths divisible by its block size, so the expert width F is zero-padded to a multiple
