@@ -19,7 +19,7 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
   const char* generic = std::getenv("PERSEUS_KERNELS_GENERIC");  // tests: as on a CPU without AVX-512
   g_avx512 = !(generic && *generic == '1') && __builtin_cpu_supports("avx512f");
   g_vnni = g_avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
-  moe = g_avx512 && __builtin_cpu_supports("avx512bw") && sparse_moe_op() != nullptr;
+  moe = g_avx512 && __builtin_cpu_supports("avx512bw");
 #endif
   // Two domains, each filled once and kept for the process (sessions refer to them); a domain
   // without an op leaves onnxruntime to inline that op's function body.

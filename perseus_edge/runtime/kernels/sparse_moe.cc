@@ -32,7 +32,7 @@ OrtStatus* fail(const std::string& message) { return fail_status("perseus.Sparse
 struct Experts {
   const float* f = nullptr;                                      // float [E, N, K], or
   const uint8_t* q = nullptr; const float* scale = nullptr;      // codes [E, N, K], scales [E, N, blocks]
-  int64_t E = 0, N = 0, K = 0, block = 0, blocks = 0;
+  int64_t N = 0, K = 0, block = 0, blocks = 0;
   int shift = 0;  // log2(block) where the block is a power of two
 };
 
@@ -194,7 +194,7 @@ struct SparseMoEKernel {
     const auto s = shape_of(v);
     const std::string name = at == 3 ? "fc1" : "fc2";
     if (s.size() != 3 || s[0] != E || s[1] != N || s[2] != K) return name + " has the wrong shape";
-    w.E = E, w.N = N, w.K = K;
+    w.N = N, w.K = K;
     const auto type = v.GetTensorTypeAndShapeInfo().GetElementType();
     if (ctx.GetInputCount() <= scale_at || ctx.GetInput(scale_at) == nullptr) {
       if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return name + ": float experts expected without scales";
