@@ -134,15 +134,18 @@ def test_out_of_range_position_is_an_error_not_a_write(folders):
 
 
 # ----------------------------------------------------------------------------- perseus.SparseMoE alone
-def _sparse_moe_session(top_k: int, normalize: int, scaling: float, block: int | None):
-    """A one-node graph: perseus.SparseMoE over float experts, or 8-bit codes + scales (blocks of
-    `block`); inputs x, router, router_bias, fc1, fc2 (+ scales) are fed at run time."""
+def _sparse_moe_session(top_k: int, normalize: int, scaling: float, block: int | None, bits: int = 8):
+    """A one-node graph: perseus.SparseMoE over float experts, or codes + scales (blocks of
+    `block`; 4 bits with zero points); inputs x, router, router_bias, fc1, fc2 (+ scales, zero
+    points) are fed at run time."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     codes = TensorProto.UINT8 if block else TensorProto.FLOAT
     names = ["x", "router", "router_bias", "fc1", "fc2"] + (["fc1_scale", "fc2_scale"] if block else [])
-    inputs = [helper.make_tensor_value_info(n, codes if n in ("fc1", "fc2") else TensorProto.FLOAT, None)
+    names += ["fc1_zero_point", "fc2_zero_point"] if block and bits == 4 else []
+    inputs = [helper.make_tensor_value_info(n, codes if n in ("fc1", "fc2") else
+                                            TensorProto.UINT8 if "zero" in n else TensorProto.FLOAT, None)
               for n in names]  # no shapes: the kernel checks them
     node = helper.make_node(mf.OP_SPARSE_MOE, [i.name for i in inputs], ["y"], domain=mf.PERSEUS_DOMAIN,
                             top_k=top_k, normalize=normalize, scaling=scaling)
@@ -158,19 +161,31 @@ def _sparse_moe_session(top_k: int, normalize: int, scaling: float, block: int |
         raise
 
 
-def _sparse_moe_reference(x, router, bias, fc1, fc2, top_k, normalize, scaling):
+def _int8_blocks(v, block):
+    """v as the kernel multiplies it with 4-bit experts: int8 per block, scale = max |v| / 127,
+    rounded to nearest even (float32 arithmetic), dequantized."""
+    v = np.asarray(v, np.float32).reshape(-1, block)
+    s = (np.abs(v).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s > 0, np.rint(np.clip(v / s, -127, 127)), 0)
+    return (q * s).reshape(-1).astype(np.float64)
+
+
+def _sparse_moe_reference(x, router, bias, fc1, fc2, top_k, normalize, scaling, act_block=None):
     """numpy: sigmoid scores, top-k of score + bias (lower index first on ties), SwiGLU experts
-    with gate / up rows interleaved in fc1 [E, 2F, d], fc2 [E, d, F]."""
+    with gate / up rows interleaved in fc1 [E, 2F, d], fc2 [E, d, F]; with `act_block`, each
+    expert's input quantized to int8 blocks first (the 4-bit experts' integer path)."""
     tokens = x.reshape(-1, x.shape[-1]).astype(np.float64)
     y = np.zeros_like(tokens)
+    q = (lambda v: _int8_blocks(v, act_block)) if act_block else (lambda v: v)
     for t, v in enumerate(tokens):
         score = 1 / (1 + np.exp(-(v @ router)))
         chosen = np.argsort(-(score + bias), kind="stable")[:top_k]
         weights = score[chosen] / (score[chosen].sum() if normalize else 1.0) * scaling
         for e, w in zip(chosen, weights):
-            h = fc1[e] @ v
+            h = (fc1[e] @ q(v)).astype(np.float32)
             gate, up = h[0::2], h[1::2]
-            y[t] += w * (fc2[e] @ (gate / (1 + np.exp(-gate)) * up))
+            y[t] += w * (fc2[e] @ q(gate / (1 + np.exp(-gate)) * up))
     return y.reshape(x.shape)
 
 
@@ -200,6 +215,44 @@ def test_sparse_moe_matches_numpy(d, F, block, T):
         got = session.run(None, feed)[0]
         want = _sparse_moe_reference(x, router, bias, fc1, fc2, top_k, normalize, scaling)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def _pack4(q):
+    """uint8 values < 16 along the last axis, two per byte, low nibble first (odd lengths padded)."""
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+@pytest.mark.parametrize("d,F,block,T", [(128, 48, 16, 1), (80, 48, 16, 6), (64, 32, 32, 9), (256, 64, 64, 1),
+                                         (128, 128, 128, 3)])
+def test_sparse_moe_4bit_matches_numpy(d, F, block, T, vnni, monkeypatch):
+    """4-bit experts with zero points, in the panels lower/qmoe.py packs, multiplied in integers
+    on int8 blocks of the activations, against numpy doing the same in float: blocks 16..128, an
+    odd count of blocks per row (48 / 16), decode and prompts (1-4 tokens per expert); with VNNI
+    and with the AVX-512BW instructions it replaces."""
+    from perseus_edge.lower.qmoe import pack_panels
+
+    if not vnni:
+        monkeypatch.setenv("PERSEUS_KERNELS_NO_VNNI", "1")
+    E, top_k = 8, 3
+    rng = np.random.default_rng(d + F + T + block)
+    x = rng.standard_normal((1, T, d)).astype(np.float32)
+    router = (rng.standard_normal((d, E)) / np.sqrt(d)).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(E)).astype(np.float32)
+    feed = {"x": x, "router": router, "router_bias": bias}
+    weights = {}
+    for name, shape in (("fc1", (E, 2 * F, d)), ("fc2", (E, d, F))):
+        q = rng.integers(0, 16, shape).astype(np.uint8)
+        zero = rng.integers(0, 16, shape[:2] + (shape[2] // block,)).astype(np.uint8)
+        scale = (rng.random(shape[:2] + (shape[2] // block,)) / (8 * np.sqrt(shape[2]))).astype(np.float32)
+        feed[name], feed[f"{name}_scale"], feed[f"{name}_zero_point"] = pack_panels(_pack4(q), scale, _pack4(zero))
+        weights[name] = ((q.astype(np.float32) - np.repeat(zero, block, axis=2)) * np.repeat(scale, block, axis=2))
+    session = _sparse_moe_session(top_k, 1, 1.0, block, bits=4)
+    got = session.run(None, feed)[0]
+    want = _sparse_moe_reference(x, router, bias, weights["fc1"], weights["fc2"], top_k, 1, 1.0, act_block=block)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))
 
 
 def test_sparse_moe_refuses_mismatched_experts():

@@ -10,6 +10,10 @@ expert does to the test model, so they cannot see broken experts. Two exact chec
 2. the quantized graph equals the same graph with float experts (those dequantized weights) in
    its SparseMoE calls, to 1e-4: for the body (com.microsoft.QMoE: how it is fed, bits, block
    size, zero points) and for the native kernel (how it reads the codes).
+
+4-bit experts at accuracy_level 4 (the default) come in the native kernel's panels and multiply
+int8 activations: checked by 1. (through an independent unpacking), the body's unpacking
+nodes against it exactly, and the kernel against its numpy twin (test_kernels.py).
 """
 
 from __future__ import annotations
@@ -55,7 +59,24 @@ def folders(make_checkpoint, tmp_path_factory):
     fp32 = export_checkpoint(ckpt, tmp / "fp32-ort", target="ort-cpu")
     # accuracy_level 0: fp32 activations, so the kernel's only approximation is the weights
     quant = {s: quantize_model(portable, tmp / s, s, target="ort-cpu", accuracy_level=0) for s in ("int8", "int4")}
+    quant["int4-panels"] = quantize_model(portable, tmp / "int4-panels", "int4", target="ort-cpu")
     return fp32, quant
+
+
+def _unpanel(codes, scales, zeros):
+    """The native kernel's 4-bit panels (lower/qmoe.py `pack_panels`) back to QMoE's layout, by
+    the layout's definition: byte j of row i, group g holds codes 8g + j (low) and 8g + 4 + j."""
+    e, p, g = codes.shape[:3]
+    q = np.empty((e, p, 16, 8 * g), np.uint8)
+    for j in range(4):
+        q[..., j::8] = (codes[..., j] & 0x0F).transpose(0, 1, 3, 2)
+        q[..., 4 + j::8] = (codes[..., j] >> 4).transpose(0, 1, 3, 2)
+    q = q.reshape(e, 16 * p, 8 * g)
+    b = scales.shape[2]
+    z = np.zeros((e, 16 * p, b + b % 2), np.uint8)
+    z[..., :b] = zeros.transpose(0, 1, 3, 2).reshape(e, 16 * p, b)
+    pack = lambda a: (a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8)  # noqa: E731
+    return pack(q), np.ascontiguousarray(scales.transpose(0, 1, 3, 2).reshape(e, 16 * p, b)), pack(z)
 
 
 QUANT_ATTRS = ("expert_weight_bits", "weights_prepacked", "accuracy_level", "block_size")
@@ -87,7 +108,10 @@ def _dequantized_reference(qdir, fp32_dir, out):
             z1, z2 = site.input[11:13] if len(site.input) > 11 else (None, None)
         else:
             p1, p2, s1, s2 = site.input[3:7]
-            z1 = z2 = None
+            z1, z2 = site.input[7:9] if len(site.input) > 7 else (None, None)
+            if z1:  # 4-bit panels
+                for p, s, z in ((p1, s1, z1), (p2, s2, z2)):
+                    inits[p], inits[s], inits[z] = _unpanel(inits[p], inits[s], inits[z])
         w1, w2 = ref_inits[ref.input[3]], ref_inits[ref.input[4]]  # [E, 2F, d], [E, d, F]
         d, f = w2.shape[1], w2.shape[2]
         fc1 = _dequantize(inits[p1], inits[s1], inits.get(z1), d, bits, block)  # [E, 2Fp, d]
@@ -160,3 +184,51 @@ def test_native_sparse_moe_equals_its_dequantized_experts(folders, tmp_path):
         pytest.skip("native kernels not built")
     fp32_dir, quant = folders
     _assert_same_logits(quant[scheme], _dequantized_reference(quant[scheme], fp32_dir, tmp_path / "deq"))
+
+
+def test_int4_panels_unpack_and_native_kernel(folders, tmp_path, monkeypatch):
+    """4-bit panels (accuracy_level 4, the default): they encode the exported experts (within half
+    a step, through `_unpanel`); the body's unpacking nodes give QMoE exactly that layout; the
+    body (QMoE on int8 activations) stays near the float experts the codes encode (6e-3 of the
+    logits' scale measured here: the activations' rounding), and the native kernel equals the
+    body to 1e-4 (measured 3e-7: the same int8 activations, the same integer sums)."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from perseus_edge.lower.qmoe import unpack_panels
+    from perseus_edge.modelfile.graph import OPSET, Builder
+    from perseus_edge.runtime import kernels
+
+    fp32_dir, quant = folders
+    qdir = quant["int4-panels"]
+    ref = _dequantized_reference(qdir, fp32_dir, tmp_path / "deq")
+    model = onnx.load(str(qdir / mf.MODEL_ONNX))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    call = _nodes(model, mf.PERSEUS_DOMAIN, mf.OP_SPARSE_MOE)[0]
+    b = Builder()
+    outs = unpack_panels(b, "q", "s", "z")
+    graph = helper.make_graph(
+        b.nodes, "unpack", [helper.make_tensor_value_info(n, TensorProto.FLOAT if n == "s" else TensorProto.UINT8, None)
+                            for n in "qsz"],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT if i == 1 else TensorProto.UINT8, None)
+         for i, o in enumerate(outs)])
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+                                   .SerializeToString(), providers=["CPUExecutionProvider"])
+    for p, s, z in (call.input[3:9:2], call.input[4:9:2]):  # fc1 (codes, scales, zero points), fc2
+        got = session.run(None, {"q": inits[p], "s": inits[s], "z": inits[z]})
+        for g, w in zip(got, _unpanel(inits[p], inits[s], inits[z])):
+            np.testing.assert_array_equal(g, w)
+
+    prompt = np.random.default_rng(0).integers(2, 512, (1, 12))
+    want = _logits(ref, prompt)
+    scale = max(float(np.abs(w).max()) for w in want)
+    runs = {"body": "0"} | ({"native": "1"} if kernels.library() is not None else {})
+    got = {}
+    for name, flag in runs.items():
+        monkeypatch.setenv("PERSEUS_KERNELS", flag)
+        got[name] = _logits(qdir, prompt)
+        err = max(float(np.abs(a - w).max()) for a, w in zip(got[name], want)) / scale
+        assert err <= 1e-2, (name, err)
+    if "native" in got:
+        err = max(float(np.abs(a - w).max()) for a, w in zip(got["native"], got["body"])) / scale
+        assert err <= 1e-4, err

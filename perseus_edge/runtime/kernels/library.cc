@@ -18,7 +18,9 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
   __builtin_cpu_init();
   const char* generic = std::getenv("PERSEUS_KERNELS_GENERIC");  // tests: as on a CPU without AVX-512
   g_avx512 = !(generic && *generic == '1') && __builtin_cpu_supports("avx512f");
-  g_vnni = g_avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  const char* no_vnni = std::getenv("PERSEUS_KERNELS_NO_VNNI");  // tests: the AVX-512BW integer paths
+  g_vnni = g_avx512 && !(no_vnni && *no_vnni == '1') && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
   moe = g_avx512 && __builtin_cpu_supports("avx512bw");
 #endif
   // Two domains, each filled once and kept for the process (sessions refer to them); a domain

@@ -13,9 +13,13 @@
 //   y = sum_e w_e fc2[e] (silu(h_gate) * h_up),  h = fc1[e] x   (fc1 rows: gate, up interleaved)
 //
 // Experts come in onnxruntime's MoE layout, float (fc1 [E, 2F, d], fc2 [E, d, F]) or as QMoE's
-// symmetric 8-bit blocks (uint8 codes [E, N, K], scales [E, N, K/block]): w = (code - 128) * scale,
-// multiplied in float32, so the result is the float op's on the weights the codes encode (4-bit
-// experts keep onnxruntime's QMoE: lower/qmoe.py says why). Tokens are grouped by expert, so a
+// symmetric 8-bit blocks (uint8 codes [E, N, K], scales [E, N, K/block]): w = (code - 128) *
+// scale, multiplied in float32, so the result is the float op's on the weights the codes encode;
+// or as 4-bit blocks with zero points in panels of 16 rows (q4_panel; lower/qmoe.py packs them,
+// and the op's body unpacks them for QMoE): w = (code - zero) * scale, multiplied in integers on
+// the activations quantized to int8 per block (scale = max |x| / 127), as QMoE's accuracy_level 4
+// does: float math would convert every code (measured slower than QMoE, studies/perf/README.md
+// section 12), and QMoE's row layout needs a horizontal sum per row. Tokens are grouped by expert, so a
 // prompt reads each selected expert once per 4 tokens; experts, then output rows, are split over
 // the session's threads. AVX-512 only: library.cc registers it where the CPU has it (not with
 // PERSEUS_KERNELS_GENERIC=1), and elsewhere onnxruntime runs the op's body.
@@ -28,12 +32,14 @@ namespace {
 
 OrtStatus* fail(const std::string& message) { return fail_status("perseus.SparseMoE", message); }
 
-// One side of the experts (fc1 or fc2): E matrices of N rows by K, float or 8-bit blocks.
+// One side of the experts (fc1 or fc2): E matrices of N rows by K, float or 8-bit or 4-bit blocks.
 struct Experts {
   const float* f = nullptr;                                      // float [E, N, K], or
-  const uint8_t* q = nullptr; const float* scale = nullptr;      // codes [E, N, K], scales [E, N, blocks]
+  const uint8_t* q = nullptr; const float* scale = nullptr;      // 8-bit codes [E, N, K] + scales [E, N, blocks],
+                                                                 // or 4-bit panels (q4_panel)
+  const uint8_t* zero = nullptr;                                 // 4 bits: zero points
   int64_t N = 0, K = 0, block = 0, blocks = 0;
-  int shift = 0;  // log2(block) where the block is a power of two
+  int bits = 32, shift = 0;  // shift: log2(block) where the block is a power of two
 };
 
 inline __mmask16 first(int64_t count) {  // lanes [0, count) of 16
@@ -167,6 +173,133 @@ void rows_times_tokens(const Experts& w, int64_t e, int64_t n0, int64_t n1, cons
   }
 }
 
+// ----------------------------------------------------------------------------- 4-bit experts
+// Vectors (tokens, or one slot's SwiGLU output) quantized for the 4-bit dot products: int8 per
+// block of the weights' block (scale = max |x| / 127, rounded to nearest even), with per block
+// its scale and scale * the sum of its codes (what a zero point times the block's codes owes).
+struct Q8Set {
+  int64_t K = 0, block = 0, blocks = 0;
+  std::vector<int8_t> q;                      // [n, K + 4]
+  std::vector<float> scale, owed;             // [n, blocks]
+
+  Q8Set(int64_t n, int64_t K_, int64_t block_)
+      : K(K_), block(block_), blocks(K_ / std::max<int64_t>(block_, 1)), q(n * (K_ + 4)), scale(n * blocks), owed(n * blocks) {}
+  const int8_t* codes(int64_t i) const { return q.data() + i * (K + 4); }
+  const float* scales(int64_t i) const { return scale.data() + i * blocks; }
+  const float* owes(int64_t i) const { return owed.data() + i * blocks; }
+
+  void set(int64_t i, const float* x) {
+    int8_t* qi = q.data() + i * (K + 4);
+    for (int64_t b = 0; b < blocks; ++b) {
+      float top = 0.f;
+      for (int64_t k = b * block; k < (b + 1) * block; ++k) top = std::max(top, std::fabs(x[k]));
+      const float s = top / 127.0f;
+      int32_t sum = 0;
+      for (int64_t k = b * block; k < (b + 1) * block; ++k) {
+        const int32_t v = s == 0.f ? 0 : static_cast<int32_t>(std::nearbyint(std::min(127.f, std::max(-127.f, x[k] / s))));
+        qi[k] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      scale[i * blocks + b] = s;
+      owed[i * blocks + b] = s * static_cast<float>(sum);
+    }
+  }
+};
+
+// acc += u8 . s8 in groups of four bytes per 32-bit lane: VNNI's vpdpbusd (as inline assembly, so
+// one build serves CPUs with and without it), else the AVX-512BW pair (codes <= 15 cannot
+// saturate its 16-bit sums).
+template <bool VNNI>
+PERSEUS_TARGET("avx512f,avx512bw")
+inline __m512i dot_u8s8(__m512i acc, __m512i u, __m512i s) {
+  if constexpr (VNNI) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+    return acc;
+  } else {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+  }
+}
+
+// One panel (16 rows) of 4-bit codes times R quantized vectors: out[r][0..15]. The panel is laid
+// out for this loop (lower/qmoe.py packs it): per 8 codes of the 16 rows one 64-byte vector, lane
+// i = row i, byte j = codes j (low nibble) and 4 + j (high nibble); per block the 16 rows' scales,
+// then their zero points. So every vector feeds two dot products per token with no reordering,
+// and the 16 results need no horizontal sums.
+template <bool VNNI, int R>
+PERSEUS_TARGET("avx512f,avx512bw")
+void q4_panel(const Experts& w, int64_t e, int64_t panel, const Q8Set& x, const int64_t* tok, float* const* out) {
+  const int64_t P = w.N / 16, groups = w.block / 8;
+  const uint8_t* codes = w.q + (e * P + panel) * (w.K / 8) * 64;
+  const float* scale = w.scale + (e * P + panel) * w.blocks * 16;
+  const uint8_t* zero = w.zero + (e * P + panel) * w.blocks * 16;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[R];
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    __m512i dot[R][2];
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512i v = _mm512_loadu_si512(codes + (b * groups + g) * 64);
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      const int64_t k = (b * groups + g) * 8;
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        int32_t x0, x1;
+        std::memcpy(&x0, x.codes(tok[r]) + k, 4);
+        std::memcpy(&x1, x.codes(tok[r]) + k + 4, 4);
+        dot[r][0] = dot_u8s8<VNNI>(dot[r][0], lo, _mm512_set1_epi32(x0));
+        dot[r][1] = dot_u8s8<VNNI>(dot[r][1], hi, _mm512_set1_epi32(x1));
+      }
+    }
+    const __m512 s = _mm512_loadu_ps(scale + b * 16);
+    const __m512 sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                                           reinterpret_cast<const __m128i*>(zero + b * 16)))));
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r][0], dot[r][1]));
+      acc[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, _mm512_set1_ps(x.scales(tok[r])[b])), acc[r]);
+      acc[r] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(x.owes(tok[r])[b]), acc[r]);
+    }
+  }
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], acc[r]);
+}
+
+// Rows [n0, n1) (whole panels) of expert e times `count` quantized vectors (x.codes(tok[i])), 4
+// at a time: out(i, n, value).
+template <class Out>
+void q4_times_tokens(const Experts& w, int64_t e, int64_t n0, int64_t n1, const Q8Set& x, const int64_t* tok,
+                     int64_t count, Out out) {
+  alignas(64) float y[4][16];
+  float* rows[4] = {y[0], y[1], y[2], y[3]};
+  for (int64_t i = 0; i < count; i += 4) {
+    const int64_t r = std::min<int64_t>(4, count - i);
+    const int64_t* t = tok + i;
+    for (int64_t n = n0; n < n1; n += 16) {
+      const int64_t panel = n / 16;
+      if (g_vnni) {
+        switch (r) {
+          case 4: q4_panel<true, 4>(w, e, panel, x, t, rows); break;
+          case 3: q4_panel<true, 3>(w, e, panel, x, t, rows); break;
+          case 2: q4_panel<true, 2>(w, e, panel, x, t, rows); break;
+          default: q4_panel<true, 1>(w, e, panel, x, t, rows);
+        }
+      } else {
+        switch (r) {
+          case 4: q4_panel<false, 4>(w, e, panel, x, t, rows); break;
+          case 3: q4_panel<false, 3>(w, e, panel, x, t, rows); break;
+          case 2: q4_panel<false, 2>(w, e, panel, x, t, rows); break;
+          default: q4_panel<false, 1>(w, e, panel, x, t, rows);
+        }
+      }
+      for (int64_t j = 0; j < r; ++j)
+        for (int64_t m = 0; m < 16; ++m) out(i + j, n + m, y[j][m]);
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------- the kernel
 struct SparseMoEKernel {
   int64_t top_k, normalize;
@@ -187,27 +320,44 @@ struct SparseMoEKernel {
     }
   }
 
-  // Input `at` ("fc1" or "fc2": [E, N, K]) as Experts, with its scales at `scale_at` when given.
-  static std::string side(const Ort::KernelContext& ctx, size_t at, size_t scale_at, int64_t E, int64_t N,
-                          int64_t K, Experts& w) {
+  // Input `at` ("fc1" or "fc2": [E, N, K]) as Experts, with its scales at `scale_at` and (4 bits)
+  // zero points at `zero_at` when given.
+  static std::string side(const Ort::KernelContext& ctx, size_t at, size_t scale_at, size_t zero_at, int64_t E,
+                          int64_t N, int64_t K, Experts& w) {
     const auto v = ctx.GetInput(at);
     const auto s = shape_of(v);
     const std::string name = at == 3 ? "fc1" : "fc2";
-    if (s.size() != 3 || s[0] != E || s[1] != N || s[2] != K) return name + " has the wrong shape";
+    auto given = [&](size_t i) { return ctx.GetInputCount() > i && ctx.GetInput(i) != nullptr; };
     w.N = N, w.K = K;
     const auto type = v.GetTensorTypeAndShapeInfo().GetElementType();
-    if (ctx.GetInputCount() <= scale_at || ctx.GetInput(scale_at) == nullptr) {
+    if (!given(scale_at)) {
       if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return name + ": float experts expected without scales";
+      if (s.size() != 3 || s[0] != E || s[1] != N || s[2] != K) return name + " has the wrong shape";
       w.f = v.GetTensorData<float>();
       return "";
     }
+    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) return name + ": uint8 codes expected with scales";
     const auto sc = shape_of(ctx.GetInput(scale_at));
-    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || sc.size() != 3 || sc[0] != E || sc[1] != N || sc[2] < 1 ||
-        K % sc[2] != 0)
-      return name + ": uint8 codes [E, N, K] with scales [E, N, K / block] expected";
     w.q = v.GetTensorData<uint8_t>();
     w.scale = ctx.GetInput(scale_at).GetTensorData<float>();
-    w.blocks = sc[2], w.block = K / sc[2];
+    if (!given(zero_at)) {  // 8 bits: codes [E, N, K], scales [E, N, blocks]
+      w.bits = 8;
+      if (s.size() != 3 || s[0] != E || s[1] != N || s[2] != K) return name + " has the wrong shape";
+      if (sc.size() != 3 || sc[0] != E || sc[1] != N || sc[2] < 1 || K % sc[2] != 0)
+        return name + ": 8-bit codes [E, N, K] with scales [E, N, K / block] expected";
+      w.blocks = sc[2];
+    } else {  // 4 bits in panels: codes [E, N/16, K/8, 16, 4], scales and zero points [E, N/16, blocks, 16]
+      w.bits = 4;
+      const auto zs = shape_of(ctx.GetInput(zero_at));
+      if (N % 16 != 0 || K % 8 != 0 || s != std::vector<int64_t>{E, N / 16, K / 8, 16, 4})
+        return name + " has the wrong shape (4-bit panels [E, N/16, K/8, 16, 4] expected)";
+      if (sc.size() != 4 || sc[0] != E || sc[1] != N / 16 || sc[2] < 1 || K % sc[2] != 0 || sc[3] != 16 || zs != sc ||
+          ctx.GetInput(zero_at).GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+        return name + ": 4-bit panels need scales [E, N/16, K / block, 16] and uint8 zero points of that shape";
+      w.blocks = sc[2];
+      w.zero = ctx.GetInput(zero_at).GetTensorData<uint8_t>();
+    }
+    w.block = K / w.blocks;
     while ((int64_t{1} << w.shift) < w.block) ++w.shift;
     if (w.block < 16 || w.block != int64_t{1} << w.shift)  // what QMoE takes, and 16 codes per vector
       return name + ": blocks of a power of two >= 16 expected, got " + std::to_string(w.block);
@@ -217,13 +367,14 @@ struct SparseMoEKernel {
   OrtStatus* compute(Ort::KernelContext ctx) {
     const auto x_v = ctx.GetInput(0), router_v = ctx.GetInput(1), bias_v = ctx.GetInput(2);
     const auto xs = shape_of(x_v), rs = shape_of(router_v), bs = shape_of(bias_v), f1 = shape_of(ctx.GetInput(3));
-    if (xs.empty() || rs.size() != 2 || bs.size() != 1 || f1.size() != 3) return fail("unexpected input ranks");
-    const int64_t d = xs.back(), E = rs[1], F = f1[1] / 2;
-    if (rs[0] != d || bs[0] != E || f1[1] % 2 != 0 || top_k < 1 || top_k > E)
+    if (xs.empty() || rs.size() != 2 || bs.size() != 1 || (f1.size() != 3 && f1.size() != 5))
+      return fail("unexpected input ranks");
+    const int64_t d = xs.back(), E = rs[1], rows = f1.size() == 3 ? f1[1] : 16 * f1[1], F = rows / 2;  // 5: panels
+    if (rs[0] != d || bs[0] != E || rows % 2 != 0 || top_k < 1 || top_k > E)
       return fail("input shapes disagree with each other (or top_k is not in 1..E)");
     Experts fc1, fc2;
-    std::string bad = side(ctx, 3, 5, E, 2 * F, d, fc1);
-    if (bad.empty()) bad = side(ctx, 4, 6, E, d, F, fc2);
+    std::string bad = side(ctx, 3, 5, 7, E, 2 * F, d, fc1);
+    if (bad.empty()) bad = side(ctx, 4, 6, 8, E, d, F, fc2);
     if (!bad.empty()) return fail(bad);
 
     auto y_v = ctx.GetOutput(0, xs);
@@ -261,32 +412,46 @@ struct SparseMoEKernel {
     for (int64_t e = 0; e < E; ++e)
       if (!slots[e].empty()) active.push_back(e);
 
+    // 4-bit sides multiply quantized vectors: the tokens (fc1), each slot's SwiGLU output (fc2)
+    Q8Set xq(fc1.bits == 4 ? tokens : 0, d, fc1.block), actq(fc2.bits == 4 ? tokens * top_k : 0, F, fc2.block);
+    for (int64_t t = 0; t < (fc1.bits == 4 ? tokens : 0); ++t) xq.set(t, x + t * d);
+
     struct Job {
       const Experts *fc1, *fc2; const float* x; int64_t d, F, top_k, rows_per_item;
       const std::vector<std::vector<int64_t>>* slots; const std::vector<int64_t>* active;
       const std::vector<std::vector<const float*>>* acts;  // per active expert: its slots' act rows
+      const Q8Set *xq; Q8Set* actq;
       const float* weight; float *act, *y;
     };
     std::vector<float> act(tokens * top_k * F);  // [slot, F]: silu(gate) * up of the slot's expert
     std::vector<std::vector<const float*>> acts(active.size());
     for (size_t a = 0; a < active.size(); ++a)
       for (const int64_t slot : slots[active[a]]) acts[a].push_back(act.data() + slot * F);
-    Job job{&fc1, &fc2, x, d, F, top_k, 64, &slots, &active, &acts, weight.data(), act.data(), y};
+    Job job{&fc1, &fc2, x, d, F, top_k, 64, &slots, &active, &acts, &xq, &actq, weight.data(), act.data(), y};
     auto expand = [](void* data, size_t item) {  // fc1 + SwiGLU of one active expert, its tokens 4 at a time
       const Job& j = *static_cast<const Job*>(data);
       const int64_t e = (*j.active)[item];
       const auto& mine = (*j.slots)[e];
       const int64_t count = static_cast<int64_t>(mine.size());
-      std::vector<const float*> in(count);
-      for (int64_t i = 0; i < count; ++i) in[i] = j.x + (mine[i] / j.top_k) * j.d;
       std::vector<float> h(2 * j.F);
-      rows_times_tokens(*j.fc1, e, 0, 2 * j.F, in.data(), count, [&](int64_t i, int64_t n, float v) {
+      auto swiglu = [&](int64_t i, int64_t n, float v) {
         h[n] = v;
         if (n % 2 == 1) {  // gate n - 1, up n: one hidden unit
           const float gate = h[n - 1];
           j.act[mine[i] * j.F + n / 2] = gate / (1.0f + std::exp(-gate)) * v;
         }
-      });
+      };
+      std::vector<int64_t> tok(count);
+      for (int64_t i = 0; i < count; ++i) tok[i] = mine[i] / j.top_k;
+      if (j.fc1->bits == 4) {
+        q4_times_tokens(*j.fc1, e, 0, 2 * j.F, *j.xq, tok.data(), count, swiglu);
+      } else {
+        std::vector<const float*> in(count);
+        for (int64_t i = 0; i < count; ++i) in[i] = j.x + tok[i] * j.d;
+        rows_times_tokens(*j.fc1, e, 0, 2 * j.F, in.data(), count, swiglu);
+      }
+      if (j.fc2->bits == 4)
+        for (const int64_t slot : mine) j.actq->set(slot, j.act + slot * j.F);
     };
     auto contract = [](void* data, size_t item) {  // fc2 for a range of output rows, every active expert
       const Job& j = *static_cast<const Job*>(data);
@@ -294,8 +459,9 @@ struct SparseMoEKernel {
       for (size_t a = 0; a < j.active->size(); ++a) {
         const int64_t e = (*j.active)[a];
         const auto& mine = (*j.slots)[e];
-        rows_times_tokens(*j.fc2, e, n0, n1, (*j.acts)[a].data(), static_cast<int64_t>(mine.size()),
-                          [&](int64_t i, int64_t n, float v) { j.y[(mine[i] / j.top_k) * j.d + n] += j.weight[mine[i]] * v; });
+        auto add = [&](int64_t i, int64_t n, float v) { j.y[(mine[i] / j.top_k) * j.d + n] += j.weight[mine[i]] * v; };
+        if (j.fc2->bits == 4) q4_times_tokens(*j.fc2, e, n0, n1, *j.actq, mine.data(), static_cast<int64_t>(mine.size()), add);
+        else rows_times_tokens(*j.fc2, e, n0, n1, (*j.acts)[a].data(), static_cast<int64_t>(mine.size()), add);
       }
     };
     const size_t experts = active.size(), ranges = static_cast<size_t>((d + job.rows_per_item - 1) / job.rows_per_item);
@@ -316,10 +482,13 @@ struct SparseMoEOp : Ort::CustomOpBase<SparseMoEOp, SparseMoEKernel, true> {
   }
   const char* GetName() const { return "SparseMoE"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  // x, router, router_bias, fc1, fc2 (float, or uint8 codes), then fc1_scale, fc2_scale (codes only)
-  size_t GetInputTypeCount() const { return 7; }
+  // x, router, router_bias, fc1, fc2 (float, or uint8 codes), then fc1_scale, fc2_scale (codes only),
+  // fc1_zero_point, fc2_zero_point (4-bit codes only)
+  size_t GetInputTypeCount() const { return 9; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 3 || i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return i == 3 || i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED
+           : i >= 7         ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+                            : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i >= 5 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
