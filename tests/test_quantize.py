@@ -290,14 +290,16 @@ def qmoe_nodes(model) -> list:
 
 
 def test_ort_cpu_target_gets_qmoe(quantized, exported):
-    """int8: perseus.SparseMoE calls with 8-bit codes, QMoE in their body (the native kernel's
-    op); int4: QMoE inline. No float MoE left."""
+    """perseus.SparseMoE calls (the native kernel's op) with QMoE in their body: 8-bit codes, or
+    4-bit panels the body unpacks first (5-d codes, one zero point per byte). No float MoE left."""
     for scheme, bits in (("int8", 8), ("int4", 4)):
         model = graph(quantized(scheme, target="ort-cpu"))
         qmoe = qmoe_nodes(model)
         calls = [n for n in model.graph.node if n.op_type == mf.OP_SPARSE_MOE]
         assert qmoe and not [n for n in model.graph.node if n.op_type == "MoE" and n.domain == "com.microsoft"]
-        assert bool(calls) == (bits == 8)
+        assert calls and len(calls[0].input) == (9 if bits == 4 else 7)
+        codes = next(t for t in model.graph.initializer if t.name == calls[0].input[3])
+        assert len(codes.dims) == (5 if bits == 4 else 3)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in qmoe[0].attribute}
         assert attrs["expert_weight_bits"] == bits
         assert any(n.op_type == mf.OP_LATENT_ATTENTION for n in model.graph.node)

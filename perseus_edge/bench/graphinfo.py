@@ -122,7 +122,7 @@ def cache_layout(folder: str | Path, model=None) -> dict:
 
 def is_sparse_moe(model) -> bool:
     """Whether the graph runs only the selected experts: perseus.SparseMoE calls (ort-cpu), or
-    onnxruntime's MoE / QMoE inline (4-bit experts)."""
+    onnxruntime's MoE / QMoE inline (4-bit experts with fp32 activations)."""
     return any((n.domain, n.op_type) == (mf.PERSEUS_DOMAIN, mf.OP_SPARSE_MOE)
                or (n.domain == mf.MS_DOMAIN and n.op_type in SPARSE_MOE_OPS) for n in model.graph.node)
 
