@@ -284,6 +284,10 @@ void gemm_block(const float* x, int64_t x_stride, const float* w, int64_t K, int
 template <int R>
 void gemm_rows(const float* x, int64_t x_stride, const float* w, int64_t K, int64_t N, float* y, int64_t y_stride) {
   int64_t j = 0;
+  if constexpr (R == 1) {  // one row (decode): up to 256 columns per pass, so W's rows are read in order
+    for (; j + 256 <= N; j += 256) gemm_block<1, 16>(x, x_stride, w + j, K, N, y + j, y_stride);
+    for (; j + 128 <= N; j += 128) gemm_block<1, 8>(x, x_stride, w + j, K, N, y + j, y_stride);
+  }
   for (; j + 64 <= N; j += 64) gemm_block<R, 4>(x, x_stride, w + j, K, N, y + j, y_stride);
   for (; j + 16 <= N; j += 16) gemm_block<R, 1>(x, x_stride, w + j, K, N, y + j, y_stride);
 }
