@@ -519,7 +519,7 @@ struct LatentAttentionKernel {
 
     // queries: q_lat [B*T, H, r], q_rope' [B*T, H, rope]
     const int64_t rows = B * T;
-    std::vector<float> ql(rows * H * r), qr(rows * H * rope), ol(rows * H * r);
+    Scratch<float> ql(ctx, rows * H * r), qr(ctx, rows * H * rope), ol(ctx, rows * H * r);
     const float* qrp = q_rope.GetTensorData<float>();
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t p = pos[i];
@@ -532,7 +532,7 @@ struct LatentAttentionKernel {
     const int64_t max_keys = *std::max_element(pos, pos + rows) + 1;
     const int64_t block = rows == 1 && max_keys >= 512 ? (max_keys + 1) / 2 : max_keys;
     const int64_t splits = (max_keys + block - 1) / block;
-    std::vector<float> m(rows * splits * H), l(rows * splits * H), o(rows * splits * H * r);
+    Scratch<float> m(ctx, rows * splits * H), l(ctx, rows * splits * H), o(ctx, rows * splits * H * r);
     struct Job {
       const float *ql, *qr, *C, *K; const int64_t* pos;
       int64_t T, H, r, rope, ctx_rows, block, splits; float scale;
@@ -560,15 +560,15 @@ struct LatentAttentionKernel {
     for (int64_t i = 0; i < rows; ++i)  // merge the key blocks of each row, normalise
       for (int64_t h = 0; h < H; ++h) {
         float mx = -INFINITY;
-        for (int64_t part = 0; part < splits; ++part) mx = std::max(mx, m[(i * splits + part) * H + h]);
+        for (int64_t part = 0; part < splits; ++part) mx = std::max(mx, m.data()[(i * splits + part) * H + h]);
         float total = 0.f;
         float* dst = ol.data() + (i * H + h) * r;
         std::fill(dst, dst + r, 0.f);
         for (int64_t part = 0; part < splits; ++part) {
           const int64_t item = i * splits + part;
-          if (l[item * H + h] == 0.f) continue;
-          const float w = std::exp(m[item * H + h] - mx);
-          total += w * l[item * H + h];
+          if (l.data()[item * H + h] == 0.f) continue;
+          const float w = std::exp(m.data()[item * H + h] - mx);
+          total += w * l.data()[item * H + h];
           const float* src = o.data() + (item * H + h) * r;
           for (int64_t j = 0; j < r; ++j) dst[j] += w * src[j];
         }

@@ -423,7 +423,7 @@ struct SparseMoEKernel {
       const Q8Set *xq; Q8Set* actq;
       const float* weight; float *act, *y;
     };
-    std::vector<float> act(tokens * top_k * F);  // [slot, F]: silu(gate) * up of the slot's expert
+    Scratch<float> act(ctx, tokens * top_k * F);  // [slot, F]: silu(gate) * up of the slot's expert
     std::vector<std::vector<const float*>> acts(active.size());
     for (size_t a = 0; a < active.size(); ++a)
       for (const int64_t slot : slots[active[a]]) acts[a].push_back(act.data() + slot * F);
