@@ -134,7 +134,8 @@ def test_out_of_range_position_is_an_error_not_a_write(folders):
 
 
 # ----------------------------------------------------------------------------- perseus.SparseMoE alone
-def _sparse_moe_session(top_k: int, normalize: int, scaling: float, block: int | None, bits: int = 8):
+def _sparse_moe_session(top_k: int, normalize: int, scaling: float, block: int | None, bits: int = 8,
+                        n_shared: int = 0, fc2_transposed: int = 0):
     """A one-node graph: perseus.SparseMoE over float experts, or codes + scales (blocks of
     `block`; 4 bits with zero points); inputs x, router, router_bias, fc1, fc2 (+ scales, zero
     points) are fed at run time."""
@@ -148,7 +149,9 @@ def _sparse_moe_session(top_k: int, normalize: int, scaling: float, block: int |
                                             TensorProto.UINT8 if "zero" in n else TensorProto.FLOAT, None)
               for n in names]  # no shapes: the kernel checks them
     node = helper.make_node(mf.OP_SPARSE_MOE, [i.name for i in inputs], ["y"], domain=mf.PERSEUS_DOMAIN,
-                            top_k=top_k, normalize=normalize, scaling=scaling)
+                            top_k=top_k, normalize=normalize, scaling=scaling,
+                            **({"n_shared": n_shared} if n_shared else {}),
+                            **({"fc2_transposed": 1} if fc2_transposed else {}))
     graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24), helper.make_opsetid(mf.PERSEUS_DOMAIN, 1)])
     so = ort.SessionOptions()
@@ -171,10 +174,11 @@ def _int8_blocks(v, block):
     return (q * s).reshape(-1).astype(np.float64)
 
 
-def _sparse_moe_reference(x, router, bias, fc1, fc2, top_k, normalize, scaling, act_block=None):
+def _sparse_moe_reference(x, router, bias, fc1, fc2, top_k, normalize, scaling, act_block=None, n_shared=0):
     """numpy: sigmoid scores, top-k of score + bias (lower index first on ties), SwiGLU experts
-    with gate / up rows interleaved in fc1 [E, 2F, d], fc2 [E, d, F]; with `act_block`, each
-    expert's input quantized to int8 blocks first (the 4-bit experts' integer path)."""
+    with gate / up rows interleaved in fc1 [E, 2F, d], fc2 [E, d, F], then the n_shared experts
+    after the routed ones with weight 1; with `act_block`, each expert's input quantized to int8
+    blocks first (the 4-bit experts' integer path)."""
     tokens = x.reshape(-1, x.shape[-1]).astype(np.float64)
     y = np.zeros_like(tokens)
     q = (lambda v: _int8_blocks(v, act_block)) if act_block else (lambda v: v)
@@ -182,6 +186,9 @@ def _sparse_moe_reference(x, router, bias, fc1, fc2, top_k, normalize, scaling, 
         score = 1 / (1 + np.exp(-(v @ router)))
         chosen = np.argsort(-(score + bias), kind="stable")[:top_k]
         weights = score[chosen] / (score[chosen].sum() if normalize else 1.0) * scaling
+        n_routed = router.shape[1]
+        chosen = list(chosen) + list(range(n_routed, n_routed + n_shared))
+        weights = list(weights) + [1.0] * n_shared
         for e, w in zip(chosen, weights):
             h = (fc1[e] @ q(v)).astype(np.float32)
             gate, up = h[0::2], h[1::2]
@@ -189,11 +196,14 @@ def _sparse_moe_reference(x, router, bias, fc1, fc2, top_k, normalize, scaling, 
     return y.reshape(x.shape)
 
 
-@pytest.mark.parametrize("d,F,block,T", [(64, 16, None, 1), (64, 16, None, 7), (20, 6, None, 5),
-                                         (64, 32, 16, 1), (64, 32, 32, 9)])
-def test_sparse_moe_matches_numpy(d, F, block, T):
+@pytest.mark.parametrize("d,F,block,T,transposed", [
+    (64, 16, None, 1, 0), (64, 16, None, 7, 0), (20, 6, None, 5, 0), (64, 16, None, 1, 1), (80, 16, None, 7, 1),
+    (20, 6, None, 5, 1), (64, 32, 16, 1, 0), (64, 32, 32, 9, 0)])
+def test_sparse_moe_matches_numpy(d, F, block, T, transposed):
     """The native perseus.SparseMoE against a numpy reference: decode (T=1) and a prompt (tokens
-    grouped by expert), float experts of any width (masked vector tails) and 8-bit blocks."""
+    grouped by expert), float experts of any width (masked vector tails), float fc2 passed
+    transposed ([E, F, d], attribute fc2_transposed: 64 / 16 / single output columns) and 8-bit
+    blocks."""
     E, top_k = 8, 3
     rng = np.random.default_rng(d + F + T)
     x = rng.standard_normal((1, T, d)).astype(np.float32)
@@ -209,9 +219,9 @@ def test_sparse_moe_matches_numpy(d, F, block, T):
             feed[name], feed[f"{name}_scale"] = q, scale
             w[...] = (q.astype(np.float32) - 128) * np.repeat(scale, block, axis=2)
     else:
-        feed.update(fc1=fc1, fc2=fc2)
+        feed.update(fc1=fc1, fc2=np.ascontiguousarray(fc2.transpose(0, 2, 1)) if transposed else fc2)
     for normalize, scaling in ((1, 1.0), (0, 2.5)):
-        session = _sparse_moe_session(top_k, normalize, scaling, block)
+        session = _sparse_moe_session(top_k, normalize, scaling, block, fc2_transposed=transposed)
         got = session.run(None, feed)[0]
         want = _sparse_moe_reference(x, router, bias, fc1, fc2, top_k, normalize, scaling)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
@@ -253,6 +263,44 @@ def test_sparse_moe_4bit_matches_numpy(d, F, block, T, vnni, monkeypatch):
     got = session.run(None, feed)[0]
     want = _sparse_moe_reference(x, router, bias, weights["fc1"], weights["fc2"], top_k, 1, 1.0, act_block=block)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("bits", [32, 8, 4])
+@pytest.mark.parametrize("T", [1, 5])
+def test_sparse_moe_shared_experts(bits, T):
+    """Shared experts (attribute n_shared) after the routed ones in fc1 / fc2: always selected,
+    weight 1, neither normalized nor scaled; float, 8-bit and 4-bit experts."""
+    from perseus_edge.lower.qmoe import pack_panels
+
+    E, S, top_k, d, F, block = 8, 2, 3, 64, 32, 16
+    rng = np.random.default_rng(T + bits)
+    x = rng.standard_normal((1, T, d)).astype(np.float32)
+    router = (rng.standard_normal((d, E)) / np.sqrt(d)).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(E)).astype(np.float32)
+    feed = {"x": x, "router": router, "router_bias": bias}
+    weights = {}
+    for name, shape in (("fc1", (E + S, 2 * F, d)), ("fc2", (E + S, d, F))):
+        nb = shape[2] // block
+        if bits == 32:
+            feed[name] = weights[name] = (rng.standard_normal(shape) / np.sqrt(shape[2])).astype(np.float32)
+            continue
+        scale = (rng.random(shape[:2] + (nb,)) / (8 * np.sqrt(shape[2]))).astype(np.float32)
+        if bits == 8:
+            q = rng.integers(0, 256, shape).astype(np.uint8)
+            feed[name], feed[f"{name}_scale"] = q, scale
+            weights[name] = (q.astype(np.float32) - 128) * np.repeat(scale, block, axis=2)
+        else:
+            q = rng.integers(0, 16, shape).astype(np.uint8)
+            zero = rng.integers(0, 16, shape[:2] + (nb,)).astype(np.uint8)
+            feed[name], feed[f"{name}_scale"], feed[f"{name}_zero_point"] = pack_panels(_pack4(q), scale, _pack4(zero))
+            weights[name] = (q.astype(np.float32) - np.repeat(zero, block, axis=2)) * np.repeat(scale, block, axis=2)
+    session = _sparse_moe_session(top_k, 1, 2.5, None if bits == 32 else block, bits=min(bits, 8) if bits != 4 else 4,
+                                  n_shared=S)
+    got = session.run(None, feed)[0]
+    want = _sparse_moe_reference(x, router, bias, weights["fc1"], weights["fc2"], top_k, 1, 2.5,
+                                 act_block=block if bits == 4 else None, n_shared=S)
+    tol = 1e-3 if bits == 4 else 1e-4
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.abs(want).max()))
 
 
 def test_sparse_moe_refuses_mismatched_experts():

@@ -113,6 +113,8 @@ def _dequantized_reference(qdir, fp32_dir, out):
                 for p, s, z in ((p1, s1, z1), (p2, s2, z2)):
                     inits[p], inits[s], inits[z] = _unpanel(inits[p], inits[s], inits[z])
         w1, w2 = ref_inits[ref.input[3]], ref_inits[ref.input[4]]  # [E, 2F, d], [E, d, F]
+        if any(a.name == "fc2_transposed" and helper.get_attribute_value(a) for a in ref.attribute):
+            w2 = w2.transpose(0, 2, 1)  # the fp32 folder's float fc2 is [E, F, d]
         d, f = w2.shape[1], w2.shape[2]
         fc1 = _dequantize(inits[p1], inits[s1], inits.get(z1), d, bits, block)  # [E, 2Fp, d]
         fc2 = _dequantize(inits[p2], inits[s2], inits.get(z2), fc1.shape[1] // 2, bits, block)  # [E, d, Fp]
@@ -139,7 +141,8 @@ def _dequantized_reference(qdir, fp32_dir, out):
         kept = [f for f in model.functions if f.name != mf.OP_SPARSE_MOE]
         del model.functions[:]
         model.functions.extend(kept + [sparse_moe(call_attrs["top_k"], call_attrs["normalize"], call_attrs["scaling"],
-                                                  inits[calls[0].input[1]].shape[1])])
+                                                  inits[calls[0].input[1]].shape[1], call_attrs.get("n_shared", 0),
+                                                  fc2_transposed=0)])
     out.mkdir()
     save_graph(model, out)
     for name in (mf.CONFIG, mf.TOKENIZER, mf.GENERATION_CONFIG):

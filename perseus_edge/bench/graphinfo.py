@@ -92,8 +92,15 @@ def initializers(folder: str | Path, model=None) -> list[Tensor]:
 def weight_breakdown(folder: str | Path, model=None) -> dict[str, int]:
     """Bytes per component (every key of COMPONENTS, zeros included); sums to the initializer total."""
     out = dict.fromkeys(COMPONENTS, 0)
+    routed = None
     for t in initializers(folder, model):
-        out[t.component] += t.nbytes
+        shared = 0
+        if t.component == "experts" and t.dims and re.search(r"\.fc[12]($|\.)", t.name):
+            # SparseMoE's [E + S, ...]: S shared experts folded in after the routed ones (ort-cpu)
+            routed = routed if routed is not None else read_config(folder).n_routed_experts
+            shared = t.nbytes * max(0, t.dims[0] - routed) // t.dims[0]
+        out[t.component] += t.nbytes - shared
+        out["shared experts"] += shared
     return out
 
 
@@ -132,7 +139,8 @@ def decode_cost(folder: str | Path, context: int, model=None) -> dict:
 
     Weights: every initializer is read once per step, except the embedding table and the RoPE
     tables (one row each) and, when the graph runs a sparse MoE kernel (`ort-cpu` target), the
-    routed experts (top_k of n_routed_experts); the portable graph's perseus.MoE body multiplies
+    routed experts (top_k of n_routed_experts, plus the shared experts folded in after them); the
+    portable graph's perseus.MoE body multiplies
     every expert (zeroing the unselected ones), so all of them are read.
     Cache: the `context` valid rows are read and one row is written.
     FLOPs: 2 per multiply-add of the weight matmuls (all experts for the dense MoE body) plus the
@@ -152,7 +160,11 @@ def decode_cost(folder: str | Path, context: int, model=None) -> dict:
             if comp == "embeddings" and cfg.tie_word_embeddings:
                 weight_bytes += t.nbytes  # also the LM head
         elif comp == "experts" and sparse:
-            weight_bytes += t.nbytes * frac
+            # SparseMoE's [E (+ S), ...]: S shared experts folded in after the routed ones are always read
+            fc = t.dims and re.search(r"\.fc[12]($|\.)", t.name)
+            shared = max(0, t.dims[0] - cfg.n_routed_experts) if fc else 0
+            weight_bytes += t.nbytes * (frac if not shared else
+                                        (cfg.num_experts_per_tok + shared) / (cfg.n_routed_experts + shared))
         else:
             weight_bytes += t.nbytes
     cache = cache_layout(folder, model)

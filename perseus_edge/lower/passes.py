@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from perseus_edge import modelfile as mf
-from perseus_edge.modelfile.graph import Builder, drop_unused, ensure_opset, replace_nodes
+from perseus_edge.modelfile.graph import Builder, drop_unused, ensure_opset, replace_nodes, shared_mlp
 from perseus_edge.modelfile.names import MS_DOMAIN
 
 
@@ -25,13 +25,24 @@ def moe_to_ort(model: onnx.ModelProto) -> int:
     The portable body computes every expert; SparseMoE reads the k selected ones. Its inputs are
     x, router, router_bias and the experts in onnxruntime's MoE layout: fc1 [E, 2F, d] (gate and
     up rows interleaved: its fused SwiGLU with alpha 1, beta 0, no clamp, silu(gate) * up) and
-    fc2 [E, d, F]; `lower.qmoe` later makes them QMoE's block-quantized codes. Its body
+    fc2 [E, d, F], here passed transposed ([E, F, d], attribute fc2_transposed = 1: the native
+    kernel reads a hidden unit's weights to every output as one row, where [E, d, F] gives each
+    output a row of only F values) and transposed back in the body; `lower.qmoe` later makes them
+    QMoE's block-quantized codes (in its layout, the attribute dropped). Its body
     (`sparse_moe`) is the routing in standard ops + com.microsoft.MoE, so stock onnxruntime runs
     it; the native kernel (runtime/kernels/sparse_moe.cc) computes the whole op in one call.
+
+    The shared-expert MLP beside it (`modelfile.graph.shared_mlp`: DeepSeek's shared experts, n_shared x F wide)
+    joins the call as n_shared more experts at the end of fc1 / fc2, always selected with weight
+    1 (attribute `n_shared`): exact, as SwiGLU is per hidden unit, and its six nodes per layer
+    (two matmuls, split, swish, mul, add) become part of the one kernel (a decode step measured
+    up to 1.24x faster without them, studies/perf/README.md section 13).
     """
     inits = {t.name: t for t in model.graph.initializer}
-    nodes, sites = [], []
+    nodes, sites, folded = [], [], set()
     for node in model.graph.node:
+        if node.output[0] in folded:
+            continue
         if (node.domain, node.op_type) != (mf.PERSEUS_DOMAIN, mf.OP_MOE) or _routing_variant(node):
             nodes.append(node)  # softmax or group-limited routing: the portable op stays
             continue
@@ -43,55 +54,82 @@ def moe_to_ort(model: onnx.ModelProto) -> int:
         fc1 = np.empty((n_experts, 2 * f, d), np.float32)
         fc1[:, 0::2] = gate.reshape(d, n_experts, f).transpose(1, 2, 0)
         fc1[:, 1::2] = up.reshape(d, n_experts, f).transpose(1, 2, 0)
-        fc2 = down.reshape(n_experts, f, d).transpose(0, 2, 1)
+        fc2 = down.reshape(n_experts, f, d)  # [E, F, d]: see fc2_transposed below
+        shared = shared_mlp(model, node, inits, f)
+        n_shared, output = 0, list(node.output)
+        if shared is not None:  # S more experts: hidden units [j F, (j + 1) F) of the shared MLP
+            gate_up, down_s, add, dropped, _ = shared
+            n_shared = gate_up.shape[1] // (2 * f)
+            half = n_shared * f
+            s1 = np.empty((n_shared, 2 * f, d), np.float32)
+            s1[:, 0::2] = gate_up[:, :half].reshape(d, n_shared, f).transpose(1, 2, 0)
+            s1[:, 1::2] = gate_up[:, half:].reshape(d, n_shared, f).transpose(1, 2, 0)
+            fc1 = np.concatenate([fc1, s1])
+            fc2 = np.concatenate([fc2, down_s.reshape(n_shared, f, d)])
+            output = list(add.output)
+            folded.update(dropped)
+            nodes = [n for n in nodes if n.output[0] not in dropped]  # those before the MoE node
         prefix = w_gate.rsplit("gate_proj", 1)[0]
         fc1_name, fc2_name = prefix + "fc1", prefix + "fc2"
         model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(fc1), fc1_name),
                                         numpy_helper.from_array(np.ascontiguousarray(fc2), fc2_name)])
-        call = helper.make_node(mf.OP_SPARSE_MOE, [x, router, bias, fc1_name, fc2_name], list(node.output),
+        call = helper.make_node(mf.OP_SPARSE_MOE, [x, router, bias, fc1_name, fc2_name], output,
                                 name=node.name, domain=mf.PERSEUS_DOMAIN, top_k=attrs["top_k"],
-                                normalize=attrs["normalize"], scaling=attrs["scaling"])
+                                normalize=attrs["normalize"], scaling=attrs["scaling"], fc2_transposed=1,
+                                **({"n_shared": n_shared} if n_shared else {}))
         nodes.append(call)
-        sites.append((call, (attrs["top_k"], attrs["normalize"], attrs["scaling"], n_experts)))
+        sites.append((call, (attrs["top_k"], attrs["normalize"], attrs["scaling"], n_experts, n_shared)))
     if not sites:
         return 0
     if len({key for _, key in sites}) != 1:
         raise ValueError("perseus.MoE calls disagree on their routing attributes: one SparseMoE body cannot serve them")
     replace_nodes(model.graph, nodes)
+    drop_unused(model)
     model.functions.append(sparse_moe(*sites[0][1]))
     ensure_opset(model, MS_DOMAIN, 1)
     return len(sites)
 
 
-def sparse_moe(top_k: int, normalize: int, scaling: float, n_experts: int) -> onnx.FunctionProto:
+def sparse_moe(top_k: int, normalize: int, scaling: float, n_experts: int, n_shared: int = 0,
+               fc2_transposed: int = 1) -> onnx.FunctionProto:
     """perseus.SparseMoE's body, specialised to the model's routing attributes (one function per
     model; the calls carry the same values as attributes, which the native kernel reads).
 
     ORT's MoE kernel routes by a softmax over its `router_probs` input, which cannot express
     sigmoid scores with a selection-only bias. So the routing is ours (TopK on biased scores) and
-    the kernel gets logits that reproduce our weights exactly: log(score) on the selected experts,
-    -1e9 elsewhere; its softmax + top-k then yields score_i / sum(selected scores), rescaled here
-    by routed_scaling_factor, and by the sum of the chosen scores when the model does not normalise.
+    the kernel gets logits that reproduce our weights exactly: log(weight) on the selected experts,
+    -1e9 elsewhere, and 0 (weight 1) on the n_shared always-selected experts at the end; its
+    softmax over the top_k + n_shared selected divides by Z = sum of those weights, so its output
+    is multiplied by Z again.
     """
     b = Builder()
     scores = b.Reshape(b.Sigmoid(b.MatMul("x", "router")), b.const([-1, n_experts]), _name="scores")  # [N, E]
     _, idx = b.TopK(b.Add(scores, "router_bias"), b.const([top_k]), axis=-1, _outputs=2)
     chosen = b.GatherElements(scores, idx, axis=-1)
+    weights = chosen if scaling == 1.0 else b.Mul(chosen, b.const(scaling, np.float32))
+    if normalize:
+        weights = b.Div(weights, b.ReduceSum(chosen, b.const([-1]), keepdims=1), _name="weights")
     floor = numpy_helper.from_array(np.array([-1e9], np.float32))
-    logits = b.ScatterElements(b.ConstantOfShape(b.Shape(scores), value=floor), idx, b.Log(chosen),
+    logits = b.ScatterElements(b.ConstantOfShape(b.Shape(scores), value=floor), idx, b.Log(weights),
                                axis=-1, _name="router_logits")
-    scale, renorm = scaling != 1.0, not normalize
-    # the kernel takes x as [B, T, d] (its output has x's shape) and router logits as [N, E]
-    y = b.op("MoE", "x", logits, "fc1", "", "fc2", _domain=MS_DOMAIN, k=top_k, activation_type="swiglu",
+    if n_shared:
+        rows = b.Concat(b.Shape(scores, end=1), b.const([n_shared]), axis=0)
+        zero = numpy_helper.from_array(np.array([0.0], np.float32))
+        logits = b.Concat(logits, b.ConstantOfShape(rows, value=zero), axis=-1, _name="router_logits_shared")
+    # the kernel takes x as [B, T, d] (its output has x's shape) and router logits as [N, E (+ S)]
+    exact = not n_shared and normalize and scaling == 1.0  # Z = 1
+    fc2 = b.Transpose("fc2", perm=[0, 2, 1], _name="fc2_rows") if fc2_transposed else "fc2"
+    y = b.op("MoE", "x", logits, "fc1", "", fc2, _domain=MS_DOMAIN, k=top_k + n_shared, activation_type="swiglu",
              swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, swiglu_limit=float("inf"),
-             normalize_routing_weights=1, _outputs=1 if scale or renorm else ["y"])
-    if scale:
-        y = b.Mul(y, b.const(scaling, np.float32), _outputs=1 if renorm else ["y"])
-    if renorm:
-        total = b.ReduceSum(chosen, b.const([-1]), keepdims=1)  # [N, 1] -> [B, T, 1]
+             normalize_routing_weights=1, _outputs=["y"] if exact else 1)
+    if not exact:
+        total = b.ReduceSum(weights, b.const([-1]), keepdims=1)  # [N, 1]: Z
+        if n_shared:
+            total = b.Add(total, b.const(float(n_shared), np.float32))
         b.Mul(y, b.Reshape(total, b.Concat(b.Shape("x", end=-1), b.const([1]), axis=0)), _outputs=["y"])
     f = b.function(mf.PERSEUS_DOMAIN, mf.OP_SPARSE_MOE, ["x", "router", "router_bias", "fc1", "fc2"], ["y"],
-                   ["top_k", "normalize", "scaling"], sparse_moe.__doc__)
+                   ["top_k", "normalize", "scaling"] + (["n_shared"] if n_shared else [])
+                   + (["fc2_transposed"] if fc2_transposed else []), sparse_moe.__doc__)
     f.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return f
 

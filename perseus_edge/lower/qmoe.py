@@ -52,6 +52,8 @@ def to_qmoe(model: onnx.ModelProto, quant: MatMulQuant) -> dict:
     for call in calls(model, OP_SPARSE_MOE):
         fc1_name, fc2_name = call.input[3:5]
         fc1, fc2 = numpy_helper.to_array(inits[fc1_name]), numpy_helper.to_array(inits[fc2_name])
+        if _drop_attribute(call, "fc2_transposed"):  # float fc2 [E, F, d] -> QMoE's [E, d, F]
+            fc2 = fc2.transpose(0, 2, 1)
         n_exp, d, f_width = fc2.shape
         candidates = [b for b in (256, 128, 64, 32, 16) if 16 <= b <= quant.block_size and d % b == 0]
         if not candidates:
@@ -103,8 +105,10 @@ def to_qmoe(model: onnx.ModelProto, quant: MatMulQuant) -> dict:
         list(body.output), name=body.name, domain=MS_DOMAIN,
         **{**attrs, "expert_weight_bits": bits, "weights_prepacked": 0,
            "accuracy_level": quant.accuracy_level, "block_size": info["block_size"]}))
-    at = list(f.node).index(body)
-    replace_nodes(f, list(f.node)[:at] + b.nodes + list(f.node)[at:])
+    plain = [n for n in f.node if not (n.op_type == "Transpose" and list(n.input) == ["fc2"])]  # codes: QMoE's layout
+    at = plain.index(body)
+    replace_nodes(f, plain[:at] + b.nodes + plain[at:])
+    _drop_attribute(f, "fc2_transposed")
     if bits == 4 and not panels:
         model.CopyFrom(onnx.inliner.inline_selected_functions(model, [(PERSEUS_DOMAIN, OP_SPARSE_MOE)]))
     drop_unused(model)
@@ -155,3 +159,18 @@ def unpack_panels(b: Builder, codes: str, scales: str, zeros: str) -> tuple[str,
     odd = b.Mod(b.Shape(z, start=3), b.const([2]))
     z = b.Pad(z, b.Concat(b.const([0, 0, 0, 0, 0, 0, 0]), odd, axis=0))
     return q, s, rows(pairs(z))
+
+
+def _drop_attribute(node, name: str) -> bool:
+    """Remove attribute `name` from a node (or a function's attribute list); whether it was set."""
+    if isinstance(node, onnx.FunctionProto):
+        kept = [a for a in node.attribute if a != name]
+        found = len(kept) != len(node.attribute)
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        return found
+    kept = [a for a in node.attribute if a.name != name]
+    found = any(a.name == name and helper.get_attribute_value(a) for a in node.attribute)
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    return found

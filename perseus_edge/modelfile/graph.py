@@ -142,3 +142,50 @@ def drop_unused(model: onnx.ModelProto) -> None:
     funcs = [f for f in model.functions if (f.domain, f.name) in called]
     del model.functions[:]
     model.functions.extend(funcs)
+
+
+
+def shared_mlp(model: onnx.ModelProto, moe: onnx.NodeProto, inits: dict, f: int):
+    """The shared-expert MLP the exporter writes beside the perseus.MoE call `moe` (export/decoder.py
+    `_moe`), which the ort-cpu lowering folds into the call: Add(moe's output,
+    MatMul(Mul(Swish(g), u), W_down)) with g, u = Split(MatMul(x, W_gate_up)) on moe's input x,
+    float weights whose width is a multiple of the experts' `f`, no other reader of its values.
+    Returns (gate_up [d, 2 S f], down [S f, d], the Add, the six nodes' first outputs, the two
+    weights' names), or None."""
+    if any(a.name in ("softmax", "n_group") for a in moe.attribute):
+        return None  # a routing variant keeps the portable op (lower/passes.py), and its shared MLP
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    outputs = {o.name for o in model.graph.output}
+    adds = [n for n in model.graph.node if n.op_type == "Add" and not n.domain and moe.output[0] in n.input]
+    if len(adds) != 1 or readers.get(moe.output[0]) != 1:
+        return None
+    add = adds[0]
+
+    def made_by(name, op):
+        n = producer.get(name)
+        return n if n is not None and n.op_type == op and not n.domain else None
+
+    down = made_by(add.input[1] if add.input[0] == moe.output[0] else add.input[0], "MatMul")
+    mul = down and made_by(down.input[0], "Mul")
+    swish = mul and made_by(mul.input[0], "Swish")
+    split = swish and made_by(swish.input[0], "Split")
+    gate_up = split and made_by(split.input[0], "MatMul")
+    if not (gate_up and gate_up.input[0] == moe.input[0] and list(split.output) == [swish.input[0], mul.input[1]]
+            and len(split.input) == 1 and gate_up.input[1] in inits and down.input[1] in inits):
+        return None  # (a Split without sizes: two equal halves, gate then up)
+    if {a.name: helper.get_attribute_value(a) for a in split.attribute}.get("axis", 0) not in (-1, 1):
+        return None
+    chain = [gate_up, split, swish, mul, down]
+    inner = [o for n in chain for o in n.output]
+    if any(readers.get(o, 0) != 1 or o in outputs for o in inner):
+        return None
+    w_gu, w_down = (numpy_helper.to_array(inits[n]) for n in (gate_up.input[1], down.input[1]))
+    width = w_down.shape[0]
+    if w_gu.ndim != 2 or w_gu.shape[1] != 2 * width or width % f or w_down.shape[1] != w_gu.shape[0]:
+        return None
+    return (w_gu.astype(np.float32), w_down.astype(np.float32), add, {n.output[0] for n in chain + [add]},
+            (gate_up.input[1], down.input[1]))

@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from perseus_edge import modelfile as mf
 from perseus_edge.modelfile.graph import (Builder, add_initializer, drop_unused, ensure_opset, function,
-                                          initializers, replace_nodes)
+                                          initializers, replace_nodes, shared_mlp)
 from perseus_edge.errors import PerseusError
 from perseus_edge.modelfile.names import MS_DOMAIN
 from perseus_edge.quantize import weights as qw
@@ -494,9 +494,19 @@ def kernel_inputs(model: onnx.ModelProto) -> set[str]:
     """The values the target's MoE kernel quantizes in its own layout, which the quantizer leaves in
     float: every input of the perseus.MoE calls and, in a graph already lowered for ort-cpu
     (`lower.passes.moe_to_ort`), of the perseus.SparseMoE calls (the router stays float, as it
-    does inside perseus.MoE)."""
+    does inside perseus.MoE); and the weights of the shared-expert MLP beside a perseus.MoE call,
+    which the lowering folds into the call (`modelfile.graph.shared_mlp`)."""
     refuse_inline_moe(model)
     kept = set(op_inputs(model, mf.OP_MOE)) | set(op_inputs(model, mf.OP_SPARSE_MOE))
+    inits = {t.name: t for t in model.graph.initializer}
+    for call in model.graph.node:
+        if (call.domain, call.op_type) != (mf.PERSEUS_DOMAIN, mf.OP_MOE) or not all(
+                n in inits for n in call.input[1:4]):
+            continue
+        n_experts, width = inits[call.input[1]].dims[1], inits[call.input[3]].dims[1]
+        found = shared_mlp(model, call, inits, width // max(n_experts, 1))
+        if found is not None:
+            kept.update(found[4])
     kept.discard("")
     return kept
 

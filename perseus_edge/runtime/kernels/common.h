@@ -12,6 +12,8 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -82,6 +84,31 @@ __attribute__((always_inline)) inline __m512 sum16(const __m512* acc) {
   __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(lanes[0], lanes[1], 0x44), _mm512_shuffle_f32x4(lanes[0], lanes[1], 0xEE));
   __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(lanes[2], lanes[3], 0x44), _mm512_shuffle_f32x4(lanes[2], lanes[3], 0xEE));
   return _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+}
+// R rows x 16*Q columns of y = x W (W [K, N] row-major), accumulated in registers over k.
+template <int R, int Q>
+PERSEUS_TARGET("avx512f")
+void gemm_block(const float* x, int64_t x_stride, const float* w, int64_t K, int64_t N, float* y, int64_t y_stride) {
+  __m512 acc[R][Q];
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+    #pragma GCC unroll 16
+    for (int q = 0; q < Q; ++q) acc[i][q] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[Q];
+    #pragma GCC unroll 16
+    for (int q = 0; q < Q; ++q) wv[q] = _mm512_loadu_ps(w + k * N + 16 * q);
+    #pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const __m512 xb = _mm512_set1_ps(x[i * x_stride + k]);
+      #pragma GCC unroll 16
+      for (int q = 0; q < Q; ++q) acc[i][q] = _mm512_fmadd_ps(xb, wv[q], acc[i][q]);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+    #pragma GCC unroll 16
+    for (int q = 0; q < Q; ++q) _mm512_storeu_ps(y + i * y_stride + 16 * q, acc[i][q]);
 }
 #endif
 

@@ -255,32 +255,6 @@ void attend(const Rows& a, int64_t s0, int64_t s1, float* m, float* l, float* o)
 
 // ----------------------------------------------------------------------------- per-head matmuls
 #ifdef PERSEUS_X86
-// R rows x 16*Q columns of y = x W for one head, accumulated in registers over k.
-template <int R, int Q>
-PERSEUS_TARGET("avx512f")
-void gemm_block(const float* x, int64_t x_stride, const float* w, int64_t K, int64_t N, float* y, int64_t y_stride) {
-  __m512 acc[R][Q];
-  #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i)
-    #pragma GCC unroll 16
-    for (int q = 0; q < Q; ++q) acc[i][q] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 wv[Q];
-    #pragma GCC unroll 16
-    for (int q = 0; q < Q; ++q) wv[q] = _mm512_loadu_ps(w + k * N + 16 * q);
-    #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) {
-      const __m512 xb = _mm512_set1_ps(x[i * x_stride + k]);
-      #pragma GCC unroll 16
-      for (int q = 0; q < Q; ++q) acc[i][q] = _mm512_fmadd_ps(xb, wv[q], acc[i][q]);
-    }
-  }
-  #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i)
-    #pragma GCC unroll 16
-    for (int q = 0; q < Q; ++q) _mm512_storeu_ps(y + i * y_stride + 16 * q, acc[i][q]);
-}
-
 template <int R>
 void gemm_rows(const float* x, int64_t x_stride, const float* w, int64_t K, int64_t N, float* y, int64_t y_stride) {
   int64_t j = 0;

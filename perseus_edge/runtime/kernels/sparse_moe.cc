@@ -11,6 +11,7 @@
 //   chosen = top_k(s + router_bias)            (ties: the lower expert index, as TopK)
 //   w_e = s_e / sum(s_chosen) if normalize else s_e, times scaling
 //   y = sum_e w_e fc2[e] (silu(h_gate) * h_up),  h = fc1[e] x   (fc1 rows: gate, up interleaved)
+//   + the same with weight 1 for the n_shared experts after the E routed ones (the shared MLP)
 //
 // Experts come in onnxruntime's MoE layout, float (fc1 [E, 2F, d], fc2 [E, d, F]) or as QMoE's
 // symmetric 8-bit blocks (uint8 codes [E, N, K], scales [E, N, K/block]): w = (code - 128) *
@@ -38,6 +39,7 @@ struct Experts {
   const uint8_t* q = nullptr; const float* scale = nullptr;      // 8-bit codes [E, N, K] + scales [E, N, blocks],
                                                                  // or 4-bit panels (q4_panel)
   const uint8_t* zero = nullptr;                                 // 4 bits: zero points
+  bool transposed = false;                                       // float fc2 as [E, F, d] (columns_times_tokens)
   int64_t N = 0, K = 0, block = 0, blocks = 0;
   int bits = 32, shift = 0;  // shift: log2(block) where the block is a power of two
 };
@@ -173,6 +175,45 @@ void rows_times_tokens(const Experts& w, int64_t e, int64_t n0, int64_t n1, cons
   }
 }
 
+// Output rows [n0, n1) of a float fc2 stored transposed (W [E, F, d]: a hidden unit's weights
+// to every output in one row) times `count` token vectors (x[i], F values), 4 at a time: y =
+// sum_f x[f] W[f, n0:n1], the rows read in order and no horizontal sums (the [E, d, F] layout
+// gives each output a row of only F values, summed across its lanes). out(i, n, value).
+template <class Out>
+void columns_times_tokens(const Experts& w, int64_t e, int64_t n0, int64_t n1, const float* const* x, int64_t count,
+                          Out out) {
+  const int64_t F = w.K, d = w.N, width = n1 - n0;
+  const float* we = w.f + e * F * d;
+  float small_x[4 * 128], small_y[4 * 64];  // a decode step's sizes need no heap
+  std::vector<float> large_x, large_y;
+  float* xs = F <= 128 ? small_x : (large_x.resize(4 * F), large_x.data());
+  float* y = width <= 64 ? small_y : (large_y.resize(4 * width), large_y.data());
+  for (int64_t i = 0; i < count; i += 4) {
+    const int64_t r = std::min<int64_t>(4, count - i);
+    for (int64_t j = 0; j < r; ++j) std::copy(x[i + j], x[i + j] + F, xs + j * F);
+    int64_t n = n0;
+    auto run = [&](auto q_tag) {
+      constexpr int Q = decltype(q_tag)::value;
+      switch (r) {
+        case 4: gemm_block<4, Q>(xs, F, we + n, F, d, y + (n - n0), width); break;
+        case 3: gemm_block<3, Q>(xs, F, we + n, F, d, y + (n - n0), width); break;
+        case 2: gemm_block<2, Q>(xs, F, we + n, F, d, y + (n - n0), width); break;
+        default: gemm_block<1, Q>(xs, F, we + n, F, d, y + (n - n0), width);
+      }
+    };
+    for (; n + 64 <= n1; n += 64) run(std::integral_constant<int, 4>{});
+    for (; n + 16 <= n1; n += 16) run(std::integral_constant<int, 1>{});
+    for (; n < n1; ++n)  // a tail of outputs (d not a multiple of 16)
+      for (int64_t j = 0; j < r; ++j) {
+        float v = 0.f;
+        for (int64_t f = 0; f < F; ++f) v += xs[j * F + f] * we[f * d + n];
+        y[j * width + (n - n0)] = v;
+      }
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t m = n0; m < n1; ++m) out(i + j, m, y[j * width + (m - n0)]);
+  }
+}
+
 // ----------------------------------------------------------------------------- 4-bit experts
 // Vectors (tokens, or one slot's SwiGLU output) quantized for the 4-bit dot products: int8 per
 // block of the weights' block (scale = max |x| / 127, rounded to nearest even), with per block
@@ -302,7 +343,8 @@ void q4_times_tokens(const Experts& w, int64_t e, int64_t n0, int64_t n1, const 
 
 // ----------------------------------------------------------------------------- the kernel
 struct SparseMoEKernel {
-  int64_t top_k, normalize;
+  int64_t top_k, normalize, n_shared = 0;  // n_shared: experts after the routed ones, always selected, weight 1
+  int64_t fc2_transposed = 0;  // float fc2 as [E, F, d]
   float scaling;
 
   explicit SparseMoEKernel(const OrtKernelInfo* info) {
@@ -310,6 +352,12 @@ struct SparseMoEKernel {
     top_k = k.GetAttribute<int64_t>("top_k");
     normalize = k.GetAttribute<int64_t>("normalize");
     scaling = k.GetAttribute<float>("scaling");
+    for (auto [name, value] : {std::pair{"n_shared", &n_shared}, std::pair{"fc2_transposed", &fc2_transposed}}) {
+      try {
+        *value = k.GetAttribute<int64_t>(name);
+      } catch (const Ort::Exception&) {  // absent: 0
+      }
+    }
   }
 
   OrtStatus* ComputeV2(OrtKernelContext* context) {
@@ -332,10 +380,12 @@ struct SparseMoEKernel {
     const auto type = v.GetTensorTypeAndShapeInfo().GetElementType();
     if (!given(scale_at)) {
       if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return name + ": float experts expected without scales";
-      if (s.size() != 3 || s[0] != E || s[1] != N || s[2] != K) return name + " has the wrong shape";
+      if (s.size() != 3 || s[0] != E || s[1] != (w.transposed ? K : N) || s[2] != (w.transposed ? N : K))
+        return name + " has the wrong shape";
       w.f = v.GetTensorData<float>();
       return "";
     }
+    w.transposed = false;  // codes keep onnxruntime's layout
     if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) return name + ": uint8 codes expected with scales";
     const auto sc = shape_of(ctx.GetInput(scale_at));
     w.q = v.GetTensorData<uint8_t>();
@@ -370,11 +420,13 @@ struct SparseMoEKernel {
     if (xs.empty() || rs.size() != 2 || bs.size() != 1 || (f1.size() != 3 && f1.size() != 5))
       return fail("unexpected input ranks");
     const int64_t d = xs.back(), E = rs[1], rows = f1.size() == 3 ? f1[1] : 16 * f1[1], F = rows / 2;  // 5: panels
-    if (rs[0] != d || bs[0] != E || rows % 2 != 0 || top_k < 1 || top_k > E)
+    if (rs[0] != d || bs[0] != E || rows % 2 != 0 || top_k < 1 || top_k > E || n_shared < 0)
       return fail("input shapes disagree with each other (or top_k is not in 1..E)");
+    const int64_t all = E + n_shared, per = top_k + n_shared;  // experts in fc1 / fc2, slots per token
     Experts fc1, fc2;
-    std::string bad = side(ctx, 3, 5, 7, E, 2 * F, d, fc1);
-    if (bad.empty()) bad = side(ctx, 4, 6, 8, E, d, F, fc2);
+    fc2.transposed = fc2_transposed != 0;
+    std::string bad = side(ctx, 3, 5, 7, all, 2 * F, d, fc1);
+    if (bad.empty()) bad = side(ctx, 4, 6, 8, all, d, F, fc2);
     if (!bad.empty()) return fail(bad);
 
     auto y_v = ctx.GetOutput(0, xs);
@@ -386,9 +438,10 @@ struct SparseMoEKernel {
     const float* router = router_v.GetTensorData<float>();
     const float* bias = bias_v.GetTensorData<float>();
 
-    // routing: each token's top_k experts and their weights, then the slots grouped by expert
-    std::vector<float> score(E), choice(E), weight(tokens * top_k);
-    std::vector<int64_t> expert(tokens * top_k);
+    // routing: each token's top_k experts and their weights (then the shared experts, weight 1),
+    // then the slots grouped by expert
+    std::vector<float> score(E), choice(E), weight(tokens * per);
+    std::vector<int64_t> expert(tokens * per);
     for (int64_t t = 0; t < tokens; ++t) {
       router_logits_avx512(x + t * d, router, d, E, score.data());
       for (int64_t e = 0; e < E; ++e) {
@@ -402,32 +455,33 @@ struct SparseMoEKernel {
           if (choice[e] != -INFINITY && (best < 0 || choice[e] > choice[best])) best = e;
         if (best < 0) return fail("fewer than top_k experts have a finite score");
         choice[best] = -INFINITY;
-        expert[t * top_k + j] = best, weight[t * top_k + j] = score[best], total += score[best];
+        expert[t * per + j] = best, weight[t * per + j] = score[best], total += score[best];
       }
-      for (int64_t j = 0; j < top_k; ++j) weight[t * top_k + j] *= (normalize ? 1.0f / total : 1.0f) * scaling;
+      for (int64_t j = 0; j < top_k; ++j) weight[t * per + j] *= (normalize ? 1.0f / total : 1.0f) * scaling;
+      for (int64_t s = 0; s < n_shared; ++s) expert[t * per + top_k + s] = E + s, weight[t * per + top_k + s] = 1.0f;
     }
-    std::vector<std::vector<int64_t>> slots(E);  // expert -> its slots (token * top_k + j)
-    for (int64_t slot = 0; slot < tokens * top_k; ++slot) slots[expert[slot]].push_back(slot);
+    std::vector<std::vector<int64_t>> slots(all);  // expert -> its slots (token * per + j)
+    for (int64_t slot = 0; slot < tokens * per; ++slot) slots[expert[slot]].push_back(slot);
     std::vector<int64_t> active;
-    for (int64_t e = 0; e < E; ++e)
+    for (int64_t e = 0; e < all; ++e)
       if (!slots[e].empty()) active.push_back(e);
 
     // 4-bit sides multiply quantized vectors: the tokens (fc1), each slot's SwiGLU output (fc2)
-    Q8Set xq(fc1.bits == 4 ? tokens : 0, d, fc1.block), actq(fc2.bits == 4 ? tokens * top_k : 0, F, fc2.block);
+    Q8Set xq(fc1.bits == 4 ? tokens : 0, d, fc1.block), actq(fc2.bits == 4 ? tokens * per : 0, F, fc2.block);
     for (int64_t t = 0; t < (fc1.bits == 4 ? tokens : 0); ++t) xq.set(t, x + t * d);
 
     struct Job {
-      const Experts *fc1, *fc2; const float* x; int64_t d, F, top_k, rows_per_item;
+      const Experts *fc1, *fc2; const float* x; int64_t d, F, per, rows_per_item;
       const std::vector<std::vector<int64_t>>* slots; const std::vector<int64_t>* active;
       const std::vector<std::vector<const float*>>* acts;  // per active expert: its slots' act rows
       const Q8Set *xq; Q8Set* actq;
       const float* weight; float *act, *y;
     };
-    Scratch<float> act(ctx, tokens * top_k * F);  // [slot, F]: silu(gate) * up of the slot's expert
+    Scratch<float> act(ctx, tokens * per * F);  // [slot, F]: silu(gate) * up of the slot's expert
     std::vector<std::vector<const float*>> acts(active.size());
     for (size_t a = 0; a < active.size(); ++a)
       for (const int64_t slot : slots[active[a]]) acts[a].push_back(act.data() + slot * F);
-    Job job{&fc1, &fc2, x, d, F, top_k, 64, &slots, &active, &acts, &xq, &actq, weight.data(), act.data(), y};
+    Job job{&fc1, &fc2, x, d, F, per, 64, &slots, &active, &acts, &xq, &actq, weight.data(), act.data(), y};
     auto expand = [](void* data, size_t item) {  // fc1 + SwiGLU of one active expert, its tokens 4 at a time
       const Job& j = *static_cast<const Job*>(data);
       const int64_t e = (*j.active)[item];
@@ -442,7 +496,7 @@ struct SparseMoEKernel {
         }
       };
       std::vector<int64_t> tok(count);
-      for (int64_t i = 0; i < count; ++i) tok[i] = mine[i] / j.top_k;
+      for (int64_t i = 0; i < count; ++i) tok[i] = mine[i] / j.per;
       if (j.fc1->bits == 4) {
         q4_times_tokens(*j.fc1, e, 0, 2 * j.F, *j.xq, tok.data(), count, swiglu);
       } else {
@@ -459,9 +513,11 @@ struct SparseMoEKernel {
       for (size_t a = 0; a < j.active->size(); ++a) {
         const int64_t e = (*j.active)[a];
         const auto& mine = (*j.slots)[e];
-        auto add = [&](int64_t i, int64_t n, float v) { j.y[(mine[i] / j.top_k) * j.d + n] += j.weight[mine[i]] * v; };
-        if (j.fc2->bits == 4) q4_times_tokens(*j.fc2, e, n0, n1, *j.actq, mine.data(), static_cast<int64_t>(mine.size()), add);
-        else rows_times_tokens(*j.fc2, e, n0, n1, (*j.acts)[a].data(), static_cast<int64_t>(mine.size()), add);
+        auto add = [&](int64_t i, int64_t n, float v) { j.y[(mine[i] / j.per) * j.d + n] += j.weight[mine[i]] * v; };
+        const int64_t count = static_cast<int64_t>(mine.size());
+        if (j.fc2->bits == 4) q4_times_tokens(*j.fc2, e, n0, n1, *j.actq, mine.data(), count, add);
+        else if (j.fc2->transposed) columns_times_tokens(*j.fc2, e, n0, n1, (*j.acts)[a].data(), count, add);
+        else rows_times_tokens(*j.fc2, e, n0, n1, (*j.acts)[a].data(), count, add);
       }
     };
     const size_t experts = active.size(), ranges = static_cast<size_t>((d + job.rows_per_item - 1) / job.rows_per_item);
