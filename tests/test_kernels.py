@@ -13,6 +13,7 @@ checks cover). `perseus.SparseMoE` is also checked alone, against numpy.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,16 +105,22 @@ def test_native_int8_matches_body(folders):
 
 
 def test_runtime_uses_the_kernels_where_the_graph_allows(folders, tmp_path, monkeypatch):
-    """`Model` registers the library for a float cache; an int8 cache (an op signature the kernel
-    does not take) loads with the portable bodies; PERSEUS_KERNELS=0 turns the library off."""
+    """`Model` registers the library for a float cache; an int8 cache (an op signature the
+    attention kernel does not take) loads with the MoE kernel alone and the attention body (the
+    same logits as all bodies); PERSEUS_KERNELS=0 turns the library off."""
     from perseus_edge.runtime.model import Model
 
     _, folder = folders("wide", "int8")
     assert Model(folder, verify=False).native_kernels
-    kv8 = quantize_model(folders("wide")[1], tmp_path / "kv8", "int8", target="ort-cpu", kv_cache="int8")
+    kv8 = quantize_model(folders("wide")[1], tmp_path / "kv8", "int4", target="ort-cpu", kv_cache="int8")
     model = Model(kv8, verify=False)
-    assert not model.native_kernels
-    assert np.isfinite(model.forward(np.array([[5, 6, 7]]), 0)).all()
+    ids = np.array([[5, 6, 7]])
+    got = model.forward(ids, 0)
+    assert model.native_kernels == (kernels.library() is not None and _has_avx512())
+    monkeypatch.setenv("PERSEUS_KERNELS", "0")
+    want = Model(kv8, verify=False).forward(ids, 0)
+    monkeypatch.undo()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
     bogus = tmp_path / "_perseus_kernels.so"  # e.g. another platform's build: not loadable here
     bogus.write_bytes(b"not a library")
     monkeypatch.setattr(kernels, "library", lambda: bogus)
@@ -121,6 +128,13 @@ def test_runtime_uses_the_kernels_where_the_graph_allows(folders, tmp_path, monk
     monkeypatch.undo()
     monkeypatch.setenv("PERSEUS_KERNELS", "0")
     assert kernels.library() is None and not Model(folder, verify=False).native_kernels
+
+
+def _has_avx512() -> bool:
+    """Whether this CPU has AVX-512F and BW (what the MoE kernel is registered on)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    return {"avx512f", "avx512bw"} <= flags
 
 
 def test_out_of_range_position_is_an_error_not_a_write(folders):

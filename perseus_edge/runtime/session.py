@@ -86,7 +86,8 @@ def create_session(folder: ModelFolder, threads: int | None = None, low_memory: 
     """(InferenceSession, native) on the CPU execution provider for the folder's graph (.onnx or
     .ort); the options are `session_options`'. The native `perseus` kernels (`runtime.kernels`)
     are registered when built; a graph whose perseus ops they do not take (onnxruntime reports a
-    `perseus::` schema mismatch) loads without them; `native` says whether they are in use."""
+    `perseus::` schema mismatch: the attention kernel and an int8 cache) loads with the MoE kernel
+    alone, else without them; `native` says whether the library is registered."""
     def options():
         so = session_options(threads, low_memory, config, profile)
         if folder.format == "ort":
@@ -94,14 +95,18 @@ def create_session(folder: ModelFolder, threads: int | None = None, low_memory: 
         return so
 
     session, library = None, kernels.library() if folder.format == "onnx" else None  # .ort: no functions
-    if library is not None:
+    # every kernel, else (a signature the attention kernel refuses: an int8 cache) the MoE kernel alone
+    for only in ([None, "moe"] if library is not None else []):
         so = options()
+        if only:
+            so.add_session_config_entry("perseus.kernels", only)
         try:
             so.register_custom_ops_library(str(library))
         except Exception:  # noqa: BLE001 - not loadable here (another platform's build): the bodies run
-            pass
-        else:
-            session = _load(folder, so, may_refuse=True)
+            break
+        session = _load(folder, so, may_refuse=True)
+        if session is not None:
+            break
     native = session is not None
     if session is None:
         session = _load(folder, options())

@@ -23,14 +23,25 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
            __builtin_cpu_supports("avx512vnni");
   moe = g_avx512 && __builtin_cpu_supports("avx512bw");
 #endif
-  // Two domains, each filled once and kept for the process (sessions refer to them); a domain
-  // without an op leaves onnxruntime to inline that op's function body.
-  static Ort::CustomOpDomain all("perseus"), attention("perseus");
+  // Three domains, each filled once and kept for the process (sessions refer to them); a domain
+  // without an op leaves onnxruntime to inline that op's function body. The session entry
+  // "perseus.kernels" = "moe" asks for SparseMoE alone: the runtime's retry when onnxruntime
+  // refused LatentAttention's signature here (an int8 cache), so the experts stay native.
+  static Ort::CustomOpDomain all("perseus"), attention("perseus"), experts("perseus");
   static std::once_flag added;
   std::call_once(added, [] {
     all.Add(latent_attention_op());
-    if (sparse_moe_op() != nullptr) all.Add(sparse_moe_op());
+    if (sparse_moe_op() != nullptr) all.Add(sparse_moe_op()), experts.Add(sparse_moe_op());
     attention.Add(latent_attention_op());
   });
+  int asked = 0;
+  char value[16] = {0};
+  size_t size = sizeof(value);
+  if (g_api->HasSessionConfigEntry(options, "perseus.kernels", &asked) == nullptr && asked &&
+      g_api->GetSessionConfigEntry(options, "perseus.kernels", value, &size) == nullptr &&
+      std::string(value) == "moe") {
+    if (!moe) return g_api->CreateStatus(ORT_FAIL, "perseus.SparseMoE needs AVX-512 here");
+    return g_api->AddCustomOpDomain(options, experts);
+  }
   return g_api->AddCustomOpDomain(options, moe ? all : attention);
 }
