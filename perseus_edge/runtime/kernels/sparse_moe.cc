@@ -13,7 +13,8 @@
 //   y = sum_e w_e fc2[e] (silu(h_gate) * h_up),  h = fc1[e] x   (fc1 rows: gate, up interleaved)
 //   + the same with weight 1 for the n_shared experts after the E routed ones (the shared MLP)
 //
-// Experts come in onnxruntime's MoE layout, float (fc1 [E, 2F, d], fc2 [E, d, F]) or as QMoE's
+// Experts come in onnxruntime's MoE layout, float (fc1 [E, 2F, d], fc2 [E, d, F], or [E, F, d]
+// with fc2_transposed = 1: columns_times_tokens) or as QMoE's
 // symmetric 8-bit blocks (uint8 codes [E, N, K], scales [E, N, K/block]): w = (code - 128) *
 // scale, multiplied in float32, so the result is the float op's on the weights the codes encode;
 // or as 4-bit blocks with zero points in panels of 16 rows (q4_panel; lower/qmoe.py packs them,
