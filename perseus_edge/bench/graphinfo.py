@@ -89,16 +89,25 @@ def initializers(folder: str | Path, model=None) -> list[Tensor]:
     return [Tensor(t.name, _nbytes(t), tuple(t.dims), t.data_type) for t in model.graph.initializer]
 
 
+def _is_sparse_moe_experts(t: Tensor) -> bool:
+    """An input of perseus.SparseMoE's experts (fc1 / fc2, their codes, scales, zero points)."""
+    return bool(t.dims) and re.search(r"\.fc[12]($|\.)", t.name) is not None
+
+
+def _folded_shared(t: Tensor, routed: int) -> int:
+    """How many shared experts the ort-cpu lowering folded in after the `routed` ones ([E + S, ...])."""
+    return max(0, t.dims[0] - routed)
+
+
 def weight_breakdown(folder: str | Path, model=None) -> dict[str, int]:
     """Bytes per component (every key of COMPONENTS, zeros included); sums to the initializer total."""
     out = dict.fromkeys(COMPONENTS, 0)
     routed = None
     for t in initializers(folder, model):
         shared = 0
-        if t.component == "experts" and t.dims and re.search(r"\.fc[12]($|\.)", t.name):
-            # SparseMoE's [E + S, ...]: S shared experts folded in after the routed ones (ort-cpu)
+        if t.component == "experts" and _is_sparse_moe_experts(t):
             routed = routed if routed is not None else read_config(folder).n_routed_experts
-            shared = t.nbytes * max(0, t.dims[0] - routed) // t.dims[0]
+            shared = t.nbytes * _folded_shared(t, routed) // t.dims[0]
         out[t.component] += t.nbytes - shared
         out["shared experts"] += shared
     return out
@@ -160,9 +169,8 @@ def decode_cost(folder: str | Path, context: int, model=None) -> dict:
             if comp == "embeddings" and cfg.tie_word_embeddings:
                 weight_bytes += t.nbytes  # also the LM head
         elif comp == "experts" and sparse:
-            # SparseMoE's [E (+ S), ...]: S shared experts folded in after the routed ones are always read
-            fc = t.dims and re.search(r"\.fc[12]($|\.)", t.name)
-            shared = max(0, t.dims[0] - cfg.n_routed_experts) if fc else 0
+            # the shared experts folded in after the routed ones are always read
+            shared = _folded_shared(t, cfg.n_routed_experts) if _is_sparse_moe_experts(t) else 0
             weight_bytes += t.nbytes * (frac if not shared else
                                         (cfg.num_experts_per_tok + shared) / (cfg.n_routed_experts + shared))
         else:

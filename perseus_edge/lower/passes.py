@@ -51,9 +51,7 @@ def moe_to_ort(model: onnx.ModelProto) -> int:
         gate, up, down = (numpy_helper.to_array(inits[n]) for n in (w_gate, w_up, w_down))
         n_experts = numpy_helper.to_array(inits[router]).shape[1]
         d, f = gate.shape[0], gate.shape[1] // n_experts
-        fc1 = np.empty((n_experts, 2 * f, d), np.float32)
-        fc1[:, 0::2] = gate.reshape(d, n_experts, f).transpose(1, 2, 0)
-        fc1[:, 1::2] = up.reshape(d, n_experts, f).transpose(1, 2, 0)
+        fc1 = _interleaved(gate, up, n_experts, f)
         fc2 = down.reshape(n_experts, f, d)  # [E, F, d]: see fc2_transposed below
         shared = shared_mlp(model, node, inits, f)
         n_shared, output = 0, list(node.output)
@@ -61,10 +59,7 @@ def moe_to_ort(model: onnx.ModelProto) -> int:
             gate_up, down_s, add, dropped, _ = shared
             n_shared = gate_up.shape[1] // (2 * f)
             half = n_shared * f
-            s1 = np.empty((n_shared, 2 * f, d), np.float32)
-            s1[:, 0::2] = gate_up[:, :half].reshape(d, n_shared, f).transpose(1, 2, 0)
-            s1[:, 1::2] = gate_up[:, half:].reshape(d, n_shared, f).transpose(1, 2, 0)
-            fc1 = np.concatenate([fc1, s1])
+            fc1 = np.concatenate([fc1, _interleaved(gate_up[:, :half], gate_up[:, half:], n_shared, f)])
             fc2 = np.concatenate([fc2, down_s.reshape(n_shared, f, d)])
             output = list(add.output)
             folded.update(dropped)
@@ -88,6 +83,16 @@ def moe_to_ort(model: onnx.ModelProto) -> int:
     model.functions.append(sparse_moe(*sites[0][1]))
     ensure_opset(model, MS_DOMAIN, 1)
     return len(sites)
+
+
+def _interleaved(gate: np.ndarray, up: np.ndarray, n: int, f: int) -> np.ndarray:
+    """gate, up [d, n f] (n experts' columns side by side) -> fc1 [n, 2f, d], gate and up rows
+    interleaved (onnxruntime MoE's fused SwiGLU layout)."""
+    d = gate.shape[0]
+    fc1 = np.empty((n, 2 * f, d), np.float32)
+    fc1[:, 0::2] = gate.reshape(d, n, f).transpose(1, 2, 0)
+    fc1[:, 1::2] = up.reshape(d, n, f).transpose(1, 2, 0)
+    return fc1
 
 
 def sparse_moe(top_k: int, normalize: int, scaling: float, n_experts: int, n_shared: int = 0,
