@@ -5,9 +5,9 @@ Every check runs the same graph twice, once with the custom-op library registere
 against PyTorch where the weights are float. Dimensions cover both code paths: the tiny preset
 (4 heads, rope 8: the portable C++ loops) and a tiny model with 17M-like attention shapes
 (heads a multiple of 4, kv rank a multiple of 64, rope 16: the AVX-512 / VNNI loops on x86),
-which PERSEUS_KERNELS_GENERIC=1 sends down the portable loops again (as on a CPU without AVX-512:
-the library then leaves `perseus.SparseMoE` to its body, onnxruntime's MoE, which the same parity
-checks cover). `perseus.SparseMoE` is also checked alone, against numpy.
+which PERSEUS_KERNELS_GENERIC=1 sends down the portable loops again (as on a CPU without AVX-512,
+or not x86). `perseus.SparseMoE` is also checked alone, against numpy, with its AVX-512 loops
+and with its portable ones.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def test_runtime_uses_the_kernels_where_the_graph_allows(folders, tmp_path, monk
     model = Model(kv8, verify=False)
     ids = np.array([[5, 6, 7]])
     got = model.forward(ids, 0)
-    assert model.native_kernels == (kernels.library() is not None and _has_avx512())
+    assert model.native_kernels == (kernels.library() is not None)
     monkeypatch.setenv("PERSEUS_KERNELS", "0")
     want = Model(kv8, verify=False).forward(ids, 0)
     monkeypatch.undo()
@@ -130,15 +130,11 @@ def test_runtime_uses_the_kernels_where_the_graph_allows(folders, tmp_path, monk
     assert kernels.library() is None and not Model(folder, verify=False).native_kernels
 
 
-def _has_avx512() -> bool:
-    """Whether this CPU has AVX-512F and BW (what the MoE kernel is registered on)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-    return {"avx512f", "avx512bw"} <= flags
-
-
-def test_out_of_range_position_is_an_error_not_a_write(folders):
-    """A position past the cache is refused by the kernel (onnxruntime reports its message)."""
+def test_out_of_range_position_is_an_error_not_a_write(folders, monkeypatch):
+    """A position past the cache is refused by the kernel (onnxruntime reports its message).
+    The check precedes the loops; PERSEUS_KERNELS_GENERIC=1 registers the attention kernel on
+    any CPU (without AVX-512 the library otherwise leaves the op to its body)."""
+    monkeypatch.setenv("PERSEUS_KERNELS_GENERIC", "1")
     _, folder = folders("tiny")
     session = CachedSession(folder / mf.MODEL_ONNX, library=LIBRARY)
     before = {k: v.copy() for k, v in session.caches.items()}
@@ -170,12 +166,16 @@ def _sparse_moe_session(top_k: int, normalize: int, scaling: float, block: int |
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24), helper.make_opsetid(mf.PERSEUS_DOMAIN, 1)])
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(LIBRARY))
-    try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001
-        if "SparseMoE" in str(e):
-            pytest.skip("perseus.SparseMoE is registered only on CPUs with AVX-512")
-        raise
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(params=["avx512", "generic"])
+def loops(request, monkeypatch):
+    """Each SparseMoE check twice: the AVX-512 loops (where the CPU has them) and the portable
+    ones (PERSEUS_KERNELS_GENERIC=1, as on a CPU without AVX-512 or not x86)."""
+    if request.param == "generic":
+        monkeypatch.setenv("PERSEUS_KERNELS_GENERIC", "1")
+    return request.param
 
 
 def _int8_blocks(v, block):
@@ -213,7 +213,7 @@ def _sparse_moe_reference(x, router, bias, fc1, fc2, top_k, normalize, scaling, 
 @pytest.mark.parametrize("d,F,block,T,transposed", [
     (64, 16, None, 1, 0), (64, 16, None, 7, 0), (20, 6, None, 5, 0), (64, 16, None, 1, 1), (80, 16, None, 7, 1),
     (20, 6, None, 5, 1), (64, 32, 16, 1, 0), (64, 32, 32, 9, 0)])
-def test_sparse_moe_matches_numpy(d, F, block, T, transposed):
+def test_sparse_moe_matches_numpy(d, F, block, T, transposed, loops):
     """The native perseus.SparseMoE against a numpy reference: decode (T=1) and a prompt (tokens
     grouped by expert), float experts of any width (masked vector tails), float fc2 passed
     transposed ([E, F, d], attribute fc2_transposed: 64 / 16 / single output columns) and 8-bit
@@ -248,18 +248,20 @@ def _pack4(q):
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
-@pytest.mark.parametrize("vnni", [True, False])
+@pytest.mark.parametrize("path", ["vnni", "avx512bw", "generic"])
 @pytest.mark.parametrize("d,F,block,T", [(128, 48, 16, 1), (80, 48, 16, 6), (64, 32, 32, 9), (256, 64, 64, 1),
                                          (128, 128, 128, 3)])
-def test_sparse_moe_4bit_matches_numpy(d, F, block, T, vnni, monkeypatch):
+def test_sparse_moe_4bit_matches_numpy(d, F, block, T, path, monkeypatch):
     """4-bit experts with zero points, in the panels lower/qmoe.py packs, multiplied in integers
     on int8 blocks of the activations, against numpy doing the same in float: blocks 16..128, an
-    odd count of blocks per row (48 / 16), decode and prompts (1-4 tokens per expert); with VNNI
-    and with the AVX-512BW instructions it replaces."""
+    odd count of blocks per row (48 / 16), decode and prompts (1-4 tokens per expert); with VNNI,
+    with the AVX-512BW instructions it replaces, and with the portable loops."""
     from perseus_edge.lower.qmoe import pack_panels
 
-    if not vnni:
+    if path == "avx512bw":
         monkeypatch.setenv("PERSEUS_KERNELS_NO_VNNI", "1")
+    if path == "generic":
+        monkeypatch.setenv("PERSEUS_KERNELS_GENERIC", "1")
     E, top_k = 8, 3
     rng = np.random.default_rng(d + F + T + block)
     x = rng.standard_normal((1, T, d)).astype(np.float32)
@@ -281,7 +283,7 @@ def test_sparse_moe_4bit_matches_numpy(d, F, block, T, vnni, monkeypatch):
 
 @pytest.mark.parametrize("bits", [32, 8, 4])
 @pytest.mark.parametrize("T", [1, 5])
-def test_sparse_moe_shared_experts(bits, T):
+def test_sparse_moe_shared_experts(bits, T, loops):
     """Shared experts (attribute n_shared) after the routed ones in fc1 / fc2: always selected,
     weight 1, neither normalized nor scaled; float, 8-bit and 4-bit experts."""
     from perseus_edge.lower.qmoe import pack_panels

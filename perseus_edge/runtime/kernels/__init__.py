@@ -5,10 +5,10 @@
 `latent_attention.cc` computes `perseus.LatentAttention` (MLA over the latent cache) as one
 kernel where the op's portable function body runs ~27 onnxruntime kernels per layer; a decode
 step of a small model is bound by that count (studies/perf/README.md, section 11).
-`sparse_moe.cc` computes `perseus.SparseMoE` (ort-cpu's routed experts: the routing and the
-selected experts, float or 8-bit blocks) where its body runs onnxruntime's MoE / QMoE (section
-12); it is registered only on CPUs with AVX-512. `library.cc` registers them, `common.h` holds
-what they share. setup.py builds the library at install time, optionally: without a C++
+`sparse_moe.cc` computes `perseus.SparseMoE` (ort-cpu's routed and shared experts: the routing
+and the selected experts, float, 8-bit or 4-bit blocks) where its body runs onnxruntime's MoE /
+QMoE (sections 12-14). Both have AVX-512 loops and portable ones; on a CPU without AVX-512 (or
+not x86) `library.cc` registers SparseMoE alone (section 14). `common.h` holds what they share. setup.py builds the library at install time, optionally: without a C++
 compiler the install still succeeds.
 
 The graph is the same with or without it: onnxruntime runs a registered kernel in place of the

@@ -66,6 +66,36 @@ class Scratch {
   T* p_ = nullptr;
 };
 
+// Portable loops: also built as an x86-64-v3 clone (AVX2 + FMA), picked at load where the CPU has it.
+#if defined(PERSEUS_X86) && defined(__GNUC__) && !defined(__clang__)
+#define PERSEUS_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PERSEUS_CLONES
+#endif
+
+// 8 floats as one value (GCC / clang vector extensions: one AVX register, two SSE or NEON ones),
+// loaded from and summed anywhere
+typedef float f8 __attribute__((vector_size(32)));
+__attribute__((always_inline)) inline f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+__attribute__((always_inline)) inline float sum8(f8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// a . b over n values in 16 partial sums: a plain float sum is not vectorised (reordering it
+// changes its rounding, which the compiler may not do on its own)
+[[maybe_unused]] static PERSEUS_CLONES float dot_generic(const float* a, const float* b, int64_t n) {
+  f8 p0 = {}, p1 = {};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) p0 += load8(a + k) * load8(b + k), p1 += load8(a + k + 8) * load8(b + k + 8);
+  float v = sum8(p0 + p1);
+  for (; k < n; ++k) v += a[k] * b[k];
+  return v;
+}
+
 #ifdef PERSEUS_X86
 // Sums of 16 accumulators in one vector, lane 4 * i + j = sum of acc[4 * i + j] (an add/shuffle
 // network: ~45 instructions where 16 separate horizontal sums take ~160).
@@ -85,30 +115,40 @@ __attribute__((always_inline)) inline __m512 sum16(const __m512* acc) {
   __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(lanes[2], lanes[3], 0x44), _mm512_shuffle_f32x4(lanes[2], lanes[3], 0xEE));
   return _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
 }
-// R rows x 16*Q columns of y = x W (W [K, N] row-major), accumulated in registers over k.
+// R rows x 16*Q columns of y = x W (W [K, N] row-major), accumulated in registers over k. With
+// few accumulators (R * Q <= 4) even and odd k go to two sets, so the FMA chains are half as
+// long (one chain per 16 columns waited on each FMA's latency).
 template <int R, int Q>
 PERSEUS_TARGET("avx512f")
 void gemm_block(const float* x, int64_t x_stride, const float* w, int64_t K, int64_t N, float* y, int64_t y_stride) {
-  __m512 acc[R][Q];
+  constexpr int S = R * Q <= 4 ? 2 : 1;
+  __m512 acc[S][R][Q];
   #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i)
+  for (int s = 0; s < S; ++s)
     #pragma GCC unroll 16
-    for (int q = 0; q < Q; ++q) acc[i][q] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 wv[Q];
-    #pragma GCC unroll 16
-    for (int q = 0; q < Q; ++q) wv[q] = _mm512_loadu_ps(w + k * N + 16 * q);
-    #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) {
-      const __m512 xb = _mm512_set1_ps(x[i * x_stride + k]);
+    for (int i = 0; i < R; ++i)
       #pragma GCC unroll 16
-      for (int q = 0; q < Q; ++q) acc[i][q] = _mm512_fmadd_ps(xb, wv[q], acc[i][q]);
+      for (int q = 0; q < Q; ++q) acc[s][i][q] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += S)
+    #pragma GCC unroll 2
+    for (int s = 0; s < S; ++s) {
+      const int64_t k = k0 + s;
+      if (S > 1 && k >= K) break;  // K odd: the last k has no pair
+      __m512 wv[Q];
+      #pragma GCC unroll 16
+      for (int q = 0; q < Q; ++q) wv[q] = _mm512_loadu_ps(w + k * N + 16 * q);
+      #pragma GCC unroll 16
+      for (int i = 0; i < R; ++i) {
+        const __m512 xb = _mm512_set1_ps(x[i * x_stride + k]);
+        #pragma GCC unroll 16
+        for (int q = 0; q < Q; ++q) acc[s][i][q] = _mm512_fmadd_ps(xb, wv[q], acc[s][i][q]);
+      }
     }
-  }
   #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
     #pragma GCC unroll 16
-    for (int q = 0; q < Q; ++q) _mm512_storeu_ps(y + i * y_stride + 16 * q, acc[i][q]);
+    for (int q = 0; q < Q; ++q)
+      _mm512_storeu_ps(y + i * y_stride + 16 * q, S == 2 ? _mm512_add_ps(acc[0][i][q], acc[S - 1][i][q]) : acc[0][i][q]);
 }
 #endif
 

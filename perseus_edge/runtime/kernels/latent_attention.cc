@@ -75,15 +75,12 @@ void scores_generic(const Rows& a, int64_t s0, int64_t s1, int64_t base, int64_t
     for (int64_t h = 0; h < a.heads; ++h) {
       const float* q = a.ql + h * a.r;
       const float* qr = a.qr + h * a.rope;
-      float acc = 0.f;
-      for (int64_t j = 0; j < a.r; ++j) acc += q[j] * c[j];
-      for (int64_t j = 0; j < a.rope; ++j) acc += qr[j] * k[j];
-      sc[h * n + (s - base)] = acc * a.scale;
+      sc[h * n + (s - base)] = (dot_generic(q, c, a.r) + dot_generic(qr, k, a.rope)) * a.scale;
     }
   }
 }
 
-void accumulate_generic(const Rows& a, int64_t s0, int64_t s1, const float* p, float* o) {
+PERSEUS_CLONES void accumulate_generic(const Rows& a, int64_t s0, int64_t s1, const float* p, float* o) {
   const int64_t n = s1 - s0;
   for (int64_t s = s0; s < s1; ++s) {
     const float* c = a.C + s * a.r;
@@ -263,6 +260,7 @@ void gemm_rows(const float* x, int64_t x_stride, const float* w, int64_t K, int6
     for (; j + 128 <= N; j += 128) gemm_block<1, 8>(x, x_stride, w + j, K, N, y + j, y_stride);
   }
   for (; j + 64 <= N; j += 64) gemm_block<R, 4>(x, x_stride, w + j, K, N, y + j, y_stride);
+  for (; j + 32 <= N; j += 32) gemm_block<R, 2>(x, x_stride, w + j, K, N, y + j, y_stride);
   for (; j + 16 <= N; j += 16) gemm_block<R, 1>(x, x_stride, w + j, K, N, y + j, y_stride);
 }
 #endif
