@@ -31,7 +31,8 @@ LIBRARY = kernels.library()
 pytestmark = pytest.mark.skipif(LIBRARY is None, reason="native kernels not built (no C++ compiler at install)")
 
 WIDE = dict(num_attention_heads=4, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
-SHAPES = {"tiny": {}, "wide": WIDE}
+EIGHT = dict(WIDE, num_attention_heads=8, max_position_embeddings=640)  # decode: heads in 2 groups of 4
+SHAPES = {"tiny": {}, "wide": WIDE, "eight": EIGHT}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,18 @@ def test_native_matches_pytorch(shape, generic, folders, monkeypatch):
     assert max(float(np.abs(a - b).max()) for a, b in zip(logits, ref_logits)) <= 1e-4
     body, _ = CachedSession(folder / mf.MODEL_ONNX, batch=2).greedy(prompt, 40)
     assert max(float(np.abs(a - b).max()) for a, b in zip(logits, body)) <= 1e-4
+
+
+@pytest.mark.parametrize("prompt_len", [37, 530])
+def test_one_sequence_decode_splits_heads(prompt_len, folders):
+    """One sequence's decode step runs its heads in groups of 4 as separate items (8 heads: 2),
+    and past 512 cached keys also its keys in two blocks (4 items): the same logits as the body."""
+    _, folder = folders("eight")
+    prompt = np.random.default_rng(prompt_len).integers(2, vocab(folder), (1, prompt_len))
+    native, tokens = CachedSession(folder / mf.MODEL_ONNX, threads=2, library=LIBRARY).greedy(prompt, 12)
+    body, body_tokens = CachedSession(folder / mf.MODEL_ONNX, threads=2).greedy(prompt, 12)
+    np.testing.assert_array_equal(tokens, body_tokens)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(native, body)) <= 1e-4
 
 
 def test_rows_at_different_positions_and_copied_cache(folders):

@@ -505,29 +505,32 @@ struct LatentAttentionKernel {
     const int64_t block = rows == 1 && max_keys >= 512 ? (max_keys + 1) / 2 : max_keys;
     const int64_t splits = (max_keys + block - 1) / block;
     Scratch<float> m(ctx, rows * splits * H), l(ctx, rows * splits * H), o(ctx, rows * splits * H * r);
+    // one row (a decode step): its heads in groups of 4 as items too, so a second thread has work
+    const int64_t group = rows == 1 && H % 4 == 0 && H > 4 ? 4 : H, groups = H / group;
     struct Job {
       const float *ql, *qr, *C, *K; const int64_t* pos;
-      int64_t T, H, r, rope, ctx_rows, block, splits; float scale;
+      int64_t T, H, r, rope, ctx_rows, block, splits, group, groups; float scale;
       float *m, *l, *o;
-    } job{ql.data(), qr.data(), Cache, Kache, pos, T, H, r, rope, ctx_rows, block, splits, scale,
+    } job{ql.data(), qr.data(), Cache, Kache, pos, T, H, r, rope, ctx_rows, block, splits, group, groups, scale,
           m.data(), l.data(), o.data()};
     auto run = [](void* data, size_t item) {
       const Job& j = *static_cast<const Job*>(data);
-      const int64_t i = static_cast<int64_t>(item) / j.splits, part = static_cast<int64_t>(item) % j.splits;
+      const int64_t g = static_cast<int64_t>(item) % j.groups, at = static_cast<int64_t>(item) / j.groups;
+      const int64_t i = at / j.splits, part = at % j.splits, h0 = g * j.group;
       const int64_t b = i / j.T, keys = j.pos[i] + 1;
       const int64_t s0 = part * j.block, s1 = std::min(keys, s0 + j.block);
-      float* m = j.m + item * j.H;
-      float* l = j.l + item * j.H;
-      float* o = j.o + item * j.H * j.r;
+      float* m = j.m + at * j.H + h0;
+      float* l = j.l + at * j.H + h0;
+      float* o = j.o + (at * j.H + h0) * j.r;
       if (s0 >= s1) {  // this row's keys end before the block
-        std::fill(m, m + j.H, -INFINITY), std::fill(l, l + j.H, 0.f), std::fill(o, o + j.H * j.r, 0.f);
+        std::fill(m, m + j.group, -INFINITY), std::fill(l, l + j.group, 0.f), std::fill(o, o + j.group * j.r, 0.f);
         return;
       }
-      Rows a{j.ql + i * j.H * j.r, j.qr + i * j.H * j.rope, j.C + b * j.ctx_rows * j.r, j.K + b * j.ctx_rows * j.rope,
-             j.H, j.r, j.rope, j.ctx_rows, j.scale};
+      Rows a{j.ql + (i * j.H + h0) * j.r, j.qr + (i * j.H + h0) * j.rope, j.C + b * j.ctx_rows * j.r,
+             j.K + b * j.ctx_rows * j.rope, j.group, j.r, j.rope, j.ctx_rows, j.scale};
       attend(a, s0, s1, m, l, o);
     };
-    const int64_t items = rows * splits;
+    const int64_t items = rows * splits * groups;
     if (items == 1) run(&job, 0); else ctx.ParallelFor(run, static_cast<size_t>(items), 0, &job);
     for (int64_t i = 0; i < rows; ++i)  // merge the key blocks of each row, normalise
       for (int64_t h = 0; h < H; ++h) {
