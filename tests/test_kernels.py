@@ -294,6 +294,32 @@ def test_sparse_moe_4bit_matches_numpy(d, F, block, T, path, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))
 
 
+@pytest.mark.parametrize("path", ["vnni", "avx512bw", "generic"])
+def test_sparse_moe_4bit_largest_sums(path, monkeypatch):
+    """Every code 15, zero points 0, activations at +127 in blocks of 128: the largest integer
+    sums a block can make (the portable loops sum eight groups in 16 bits, then widen)."""
+    from perseus_edge.lower.qmoe import pack_panels
+
+    monkeypatch.setenv(*{"vnni": ("PERSEUS_KERNELS_NO_VNNI", "0"), "avx512bw": ("PERSEUS_KERNELS_NO_VNNI", "1"),
+                         "generic": ("PERSEUS_KERNELS_GENERIC", "1")}[path])
+    E, top_k, d, F, block = 4, 2, 256, 128, 128
+    rng = np.random.default_rng(7)
+    x = np.ones((1, 3, d), np.float32)
+    router = (rng.standard_normal((d, E)) / np.sqrt(d)).astype(np.float32)
+    feed = {"x": x, "router": router, "router_bias": np.zeros(E, np.float32)}
+    weights = {}
+    for name, shape in (("fc1", (E, 2 * F, d)), ("fc2", (E, d, F))):
+        q = np.full(shape, 15, np.uint8)
+        zero = np.zeros(shape[:2] + (shape[2] // block,), np.uint8)
+        scale = np.full(shape[:2] + (shape[2] // block,), 1e-3, np.float32)
+        feed[name], feed[f"{name}_scale"], feed[f"{name}_zero_point"] = pack_panels(_pack4(q), scale, _pack4(zero))
+        weights[name] = (q.astype(np.float32) - np.repeat(zero, block, axis=2)) * np.repeat(scale, block, axis=2)
+    got = _sparse_moe_session(top_k, 1, 1.0, block, bits=4).run(None, feed)[0]
+    want = _sparse_moe_reference(x, router, feed["router_bias"], weights["fc1"], weights["fc2"], top_k, 1, 1.0,
+                                 act_block=block)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))
+
+
 @pytest.mark.parametrize("bits", [32, 8, 4])
 @pytest.mark.parametrize("T", [1, 5])
 def test_sparse_moe_shared_experts(bits, T, loops):

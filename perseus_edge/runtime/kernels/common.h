@@ -73,9 +73,10 @@ class Scratch {
 #define PERSEUS_CLONES
 #endif
 
-// 8 floats as one value (GCC / clang vector extensions: one AVX register, two SSE or NEON ones),
+// 8 floats (16 int16s) as one value (GCC / clang vector extensions: one AVX register, two SSE or NEON ones),
 // loaded from and summed anywhere
 typedef float f8 __attribute__((vector_size(32)));
+typedef int16_t i16x16 __attribute__((vector_size(32)));
 __attribute__((always_inline)) inline f8 load8(const float* p) {
   f8 v;
   std::memcpy(&v, p, sizeof(v));

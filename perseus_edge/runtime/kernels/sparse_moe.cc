@@ -360,35 +360,70 @@ struct Q8Set {
   }
 };
 
-// One panel (16 rows, see q4_panel) of 4-bit codes times R quantized vectors: out[r][0..15],
-// the same integer sums and scaling as q4_panel, each code unpacked once for the R vectors.
+// 16 codes widened to 16-bit lanes (written element by element, so GCC widens them in one instruction)
+__attribute__((always_inline)) inline i16x16 widen16(const uint8_t* p) {
+  const i16x16 v = {p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13], p[14], p[15]};
+  return v;
+}
+
+// One panel (16 rows, see q4_panel) of 4-bit codes times R quantized vectors: out[r][0..15], the
+// same integer sums and scaling as q4_panel. A group's 64 bytes are four vectors of 16 lanes
+// (lane 4t + j: row 4c + t, byte j), multiplied in 16 bits (|code * x| <= 15 * 127, eight groups
+// fit) by the vector's 8 codes repeated, widened to 32 bits per eight groups, and scaled per lane
+// with the row's scale at the end of each block, so rows are summed across their 4 lanes once per
+// panel, not per block.
 template <int R>
 PERSEUS_CLONES void q4_panel_generic(const Experts& w, int64_t e, int64_t panel, const Q8Set& x, const int64_t* tok,
                                      float* const* out) {
+  typedef int16_t i16x8 __attribute__((vector_size(16)));
+  typedef int32_t i32x8 __attribute__((vector_size(32)));
   const int64_t P = w.N / 16, groups = w.block / 8;
   const uint8_t* codes = w.q + (e * P + panel) * (w.K / 8) * 64;
   const float* scale = w.scale + (e * P + panel) * w.blocks * 16;
   const uint8_t* zero = w.zero + (e * P + panel) * w.blocks * 16;
-  float acc[R][16] = {};
+  f8 lanes[R][8] = {};  // f8 h: rows 2h and 2h + 1, 4 lanes each
+  float owed[R][16] = {};  // the zero points' share, per row
   for (int64_t b = 0; b < w.blocks; ++b) {
-    int32_t dot[R][16] = {};
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* v = codes + (b * groups + g) * 64;
-      const int64_t k = (b * groups + g) * 8;
-      for (int r = 0; r < R; ++r) {
-        const int8_t* xk = x.codes(tok[r]) + k;
-        for (int i = 0; i < 16; ++i)
-          for (int j = 0; j < 4; ++j) dot[r][i] += (v[4 * i + j] & 0x0F) * xk[j] + (v[4 * i + j] >> 4) * xk[4 + j];
+    i32x8 dot[R][8];
+    for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+      const int64_t n = std::min<int64_t>(groups - g0, 8);
+      i16x16 xl[R][8], xh[R][8];  // each vector's 8 codes as 16-bit lanes, repeated to the panel's 4 bytes a row
+      for (int r = 0; r < R; ++r)
+        for (int64_t g = 0; g < n; ++g) {
+          const int8_t* k = x.codes(tok[r]) + (b * groups + g0 + g) * 8;
+          for (int l = 0; l < 16; ++l) xl[r][g][l] = k[l % 4], xh[r][g][l] = k[4 + l % 4];
+        }
+      for (int c = 0; c < 4; ++c) {  // rows 4c .. 4c + 3
+        i16x16 sum[R] = {};
+        for (int64_t g = 0; g < n; ++g) {
+          const i16x16 v = widen16(codes + (b * groups + g0 + g) * 64 + 16 * c), lo = v & 15, hi = v >> 4;
+          for (int r = 0; r < R; ++r) sum[r] += lo * xl[r][g] + hi * xh[r][g];
+        }
+        for (int r = 0; r < R; ++r) {
+          i16x8 half[2];
+          std::memcpy(half, &sum[r], sizeof(half));
+          const i32x8 a = __builtin_convertvector(half[0], i32x8), z = __builtin_convertvector(half[1], i32x8);
+          dot[r][2 * c] = g0 == 0 ? a : dot[r][2 * c] + a;
+          dot[r][2 * c + 1] = g0 == 0 ? z : dot[r][2 * c + 1] + z;
+        }
       }
     }
+    const float* s = scale + b * 16;
     for (int r = 0; r < R; ++r) {
-      const float xs = x.scales(tok[r])[b], owed = x.owes(tok[r])[b];
-      for (int i = 0; i < 16; ++i)
-        acc[r][i] += static_cast<float>(dot[r][i]) * (scale[b * 16 + i] * xs) -
-                     scale[b * 16 + i] * static_cast<float>(zero[b * 16 + i]) * owed;
+      const float xs = x.scales(tok[r])[b], ow = x.owes(tok[r])[b];
+      for (int h = 0; h < 8; ++h) {
+        const f8 sh = {s[2 * h], s[2 * h], s[2 * h], s[2 * h], s[2 * h + 1], s[2 * h + 1], s[2 * h + 1], s[2 * h + 1]};
+        lanes[r][h] += __builtin_convertvector(dot[r][h], f8) * (sh * xs);
+      }
+      for (int i = 0; i < 16; ++i) owed[r][i] += s[i] * static_cast<float>(zero[b * 16 + i]) * ow;
     }
   }
-  for (int r = 0; r < R; ++r) std::copy(acc[r], acc[r] + 16, out[r]);
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 8; ++h) {
+      const f8 v = lanes[r][h];
+      out[r][2 * h] = (v[0] + v[1]) + (v[2] + v[3]) - owed[r][2 * h];
+      out[r][2 * h + 1] = (v[4] + v[5]) + (v[6] + v[7]) - owed[r][2 * h + 1];
+    }
 }
 
 #ifdef PERSEUS_X86
