@@ -48,7 +48,7 @@ struct Experts {
 // Any CPU (and PERSEUS_KERNELS_GENERIC=1): plain loops the compiler vectorises for the baseline
 // ISA, and as an x86-64-v3 clone (AVX2 + FMA) where the CPU has it (PERSEUS_CLONES). Slower than
 // the AVX-512 loops below, but each expert's weights are still read once and in place:
-// onnxruntime's QMoE body keeps prepacked copies (a 54M 4-bit folder: 448 MiB peak, 155 here).
+// onnxruntime's QMoE body keeps prepacked copies (a 54M 4-bit folder: 450 MiB peak, 155 here).
 
 // 8 codes as floats minus 128 (written element by element, so GCC widens them in one instruction)
 __attribute__((always_inline)) inline f8 codes8(const uint8_t* q) {
