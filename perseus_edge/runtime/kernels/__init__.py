@@ -14,8 +14,8 @@ compiler the install still succeeds.
 The graph is the same with or without it: onnxruntime runs a registered kernel in place of the
 op's function body (and inlines the body of an op the library does not register). The kernels
 know the float-cache signatures (W_UK / W_UV float, or int8 with scales); onnxruntime refuses a
-graph whose op has another one (an int8 cache), and the session then loads without the library
-(`runtime.session.create_session`).
+graph whose op has another one (an int8 cache), and the session then loads with the MoE kernel
+alone (`runtime.session.create_session`).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class Scratch {
 };
 
 // Portable loops: also built as an x86-64-v3 clone (AVX2 + FMA), picked at load where the CPU has it.
-#if defined(PERSEUS_X86) && defined(__GNUC__) && !defined(__clang__)
+#if defined(PERSEUS_X86) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)  // clones need ifunc
 #define PERSEUS_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define PERSEUS_CLONES
