@@ -316,10 +316,11 @@ void columns_times_tokens(const Experts& w, int64_t e, int64_t n0, int64_t n1, c
   float* y = width <= 256 ? small_y : (large_y.resize(4 * width), large_y.data());
   for (int64_t i = 0; i < count; i += 4) {
     const int64_t r = std::min<int64_t>(4, count - i);
-    for (int64_t j = 0; j < r; ++j) std::copy(x[i + j], x[i + j] + F, xs + j * F);
 #ifdef PERSEUS_X86
-    if (g_avx512) columns_avx512(we, F, d, n0, n1, xs, r, y);
-    else
+    if (g_avx512) {
+      for (int64_t j = 0; j < r; ++j) std::copy(x[i + j], x[i + j] + F, xs + j * F);
+      columns_avx512(we, F, d, n0, n1, xs, r, y);
+    } else
 #endif
       columns_generic(we, F, d, n0, n1, x + i, r, y);
     for (int64_t j = 0; j < r; ++j)
