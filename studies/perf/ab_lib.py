@@ -23,6 +23,26 @@ from perseus_edge.runtime import kernels
 from perseus_edge.runtime.model import Model
 
 
+def interleaved(models: list, rounds: int, context: int, steps: int) -> list[list[float]]:
+    """Per model, per round: the best of 3 timings of `steps` one-token steps after a
+    `context`-token prompt, the models' order alternating from round to round."""
+    prompt = np.random.default_rng(0).integers(2, 4000, (1, context))
+    for m in models:
+        m.forward(prompt, 0, last_only=True)
+    token = np.array([[5]])
+    times: list[list[float]] = [[] for _ in models]
+    for r in range(rounds):
+        for i in range(len(models)) if r % 2 == 0 else reversed(range(len(models))):
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                for s in range(steps):
+                    models[i].forward(token, context + s, last_only=True)
+                best = min(best, (time.perf_counter() - t) / steps)
+            times[i].append(best)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folder")
@@ -36,20 +56,7 @@ def main() -> None:
     for lib in (args.library_a, args.library_b):
         kernels.library = lambda lib=lib: Path(lib)  # what runtime.session registers
         models.append(Model(args.folder, threads=1))
-    prompt = np.random.default_rng(0).integers(2, 4000, (1, args.context))
-    for m in models:
-        m.forward(prompt, 0, last_only=True)
-    token = np.array([[5]])
-    times: list[list[float]] = [[], []]
-    for r in range(args.rounds):
-        for i in (0, 1) if r % 2 == 0 else (1, 0):
-            best = float("inf")
-            for _ in range(3):
-                t = time.perf_counter()
-                for s in range(args.steps):
-                    models[i].forward(token, args.context + s, last_only=True)
-                best = min(best, (time.perf_counter() - t) / args.steps)
-            times[i].append(best)
+    times = interleaved(models, args.rounds, args.context, args.steps)
     ratios = [a / b for a, b in zip(*times)]
     print(f"{Path(args.folder).name} context {args.context}: A {statistics.median(times[0]) * 1e3:.3f} ms, "
           f"B {statistics.median(times[1]) * 1e3:.3f} ms, A/B {statistics.median(ratios):.3f} "

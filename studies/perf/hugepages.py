@@ -7,7 +7,7 @@ mapping of 2 MiB or more that the second one added is collapsed to huge pages (M
 onnxruntime's heap (its packed weights). With --file its private mappings of model.onnx.data
 (the weights our kernels read in place) are first replaced by anonymous copies at the same
 addresses, which onnxruntime does not expect: for this measurement only. Then rounds of 48
-one-token steps on each, alternating; prints the median per-round ratio plain / huge.
+one-token steps on each (`ab_lib.interleaved`); prints the median per-round ratio plain / huge.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
-import time
 
 import numpy as np
 
 from perseus_edge.runtime.model import Model
+from studies.perf.ab_lib import interleaved
 
 MADV_HUGEPAGE, MADV_COLLAPSE, HUGE = 14, 25, 2 << 20
 libc = ctypes.CDLL(None, use_errno=True)
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--file", action="store_true", help="also remap the weight file's mappings")
     args = ap.parse_args()
-    prompt = np.random.default_rng(0).integers(2, 4000, (1, 16))
+    prompt = np.random.default_rng(0).integers(2, 4000, (1, 16))  # first runs: each session's buffers exist
     plain = Model(args.folder, threads=1)
     plain.forward(prompt, 0, last_only=True)
     before = mappings()
@@ -67,16 +67,7 @@ def main() -> None:
     added = [(k, v) for k, v in mappings().items() if k not in before and k[1] - k[0] >= HUGE]
     done = sum((hi - lo) for (lo, hi), line in added if collapse(lo, hi, line, args.file))
     print(f"collapsed {done >> 20} MiB of the second session's mappings")
-    token, times = np.array([[5]]), [[], []]
-    for r in range(args.rounds):
-        for i in (0, 1) if r % 2 == 0 else (1, 0):
-            best = float("inf")
-            for _ in range(3):
-                t = time.perf_counter()
-                for s in range(48):
-                    (plain, huge)[i].forward(token, 16 + s, last_only=True)
-                best = min(best, (time.perf_counter() - t) / 48)
-            times[i].append(best)
+    times = interleaved([plain, huge], args.rounds, 16, 48)
     ratios = [a / b for a, b in zip(*times)]
     print(f"plain {statistics.median(times[0]) * 1e3:.3f} ms, huge {statistics.median(times[1]) * 1e3:.3f} ms, "
           f"plain/huge {statistics.median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f}]")

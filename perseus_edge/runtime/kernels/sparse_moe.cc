@@ -44,6 +44,18 @@ struct Experts {
   int bits = 32, shift = 0;  // shift: log2(block) where the block is a power of two
 };
 
+// f(std::integral_constant<int, R>{}) with R = count (1..4): the loops below take a group's token
+// count as a template argument, so their accumulators stay in registers
+template <class F>
+void with_tokens(int64_t count, F f) {
+  switch (count) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{});
+  }
+}
+
 // ----------------------------------------------------------------------------- portable loops
 // Any CPU (and PERSEUS_KERNELS_GENERIC=1): plain loops the compiler vectorises for the baseline
 // ISA, and as an x86-64-v3 clone (AVX2 + FMA) where the CPU has it (PERSEUS_CLONES). Slower than
@@ -192,12 +204,7 @@ void rows_avx512(const Experts& w, int64_t e, int64_t n0, int64_t n1, const floa
     for (; n + 16 <= n1; n += 16) rows_dot<CODES, 16, 1>(w, e, n, x, out + (n - n0));
   for (; n + 4 <= n1; n += 4) {
     float o[16];
-    switch (count) {
-      case 4: rows_dot<CODES, 4, 4>(w, e, n, x, o); break;
-      case 3: rows_dot<CODES, 4, 3>(w, e, n, x, o); break;
-      case 2: rows_dot<CODES, 4, 2>(w, e, n, x, o); break;
-      default: rows_dot<CODES, 4, 1>(w, e, n, x, o);
-    }
+    with_tokens(count, [&](auto R) { rows_dot<CODES, 4, decltype(R)::value>(w, e, n, x, o); });
     for (int64_t r = 0; r < count; ++r)
       for (int i = 0; i < 4; ++i) out[r * width + (n - n0) + i] = o[r * 4 + i];
   }
@@ -273,14 +280,10 @@ void columns_avx512(const float* we, int64_t F, int64_t d, int64_t n0, int64_t n
     return;
   }
   int64_t n = n0;
-  auto run = [&](auto q_tag) {
-    constexpr int Q = decltype(q_tag)::value;
-    switch (r) {
-      case 4: gemm_block<4, Q>(xs, F, we + n, F, d, y + (n - n0), width); break;
-      case 3: gemm_block<3, Q>(xs, F, we + n, F, d, y + (n - n0), width); break;
-      case 2: gemm_block<2, Q>(xs, F, we + n, F, d, y + (n - n0), width); break;
-      default: gemm_block<1, Q>(xs, F, we + n, F, d, y + (n - n0), width);
-    }
+  auto run = [&](auto Q) {
+    with_tokens(r, [&](auto R) {
+      gemm_block<decltype(R)::value, decltype(Q)::value>(xs, F, we + n, F, d, y + (n - n0), width);
+    });
   };
   for (; n + 64 <= n1; n += 64) run(std::integral_constant<int, 4>{});
   for (; n + 16 <= n1; n += 16) run(std::integral_constant<int, 1>{});
@@ -503,31 +506,14 @@ void q4_times_tokens(const Experts& w, int64_t e, int64_t n0, int64_t n1, const 
     const int64_t* t = tok + i;
     for (int64_t n = n0; n < n1; n += 16) {
       const int64_t panel = n / 16;
-      if (!g_avx512) {
-        switch (r) {
-          case 4: q4_panel_generic<4>(w, e, panel, x, t, rows); break;
-          case 3: q4_panel_generic<3>(w, e, panel, x, t, rows); break;
-          case 2: q4_panel_generic<2>(w, e, panel, x, t, rows); break;
-          default: q4_panel_generic<1>(w, e, panel, x, t, rows);
-        }
-      }
+      with_tokens(r, [&](auto R) {
+        constexpr int k = decltype(R)::value;
 #ifdef PERSEUS_X86
-      else if (g_vnni) {
-        switch (r) {
-          case 4: q4_panel<true, 4>(w, e, panel, x, t, rows); break;
-          case 3: q4_panel<true, 3>(w, e, panel, x, t, rows); break;
-          case 2: q4_panel<true, 2>(w, e, panel, x, t, rows); break;
-          default: q4_panel<true, 1>(w, e, panel, x, t, rows);
-        }
-      } else {
-        switch (r) {
-          case 4: q4_panel<false, 4>(w, e, panel, x, t, rows); break;
-          case 3: q4_panel<false, 3>(w, e, panel, x, t, rows); break;
-          case 2: q4_panel<false, 2>(w, e, panel, x, t, rows); break;
-          default: q4_panel<false, 1>(w, e, panel, x, t, rows);
-        }
-      }
+        if (g_vnni) return q4_panel<true, k>(w, e, panel, x, t, rows);
+        if (g_avx512) return q4_panel<false, k>(w, e, panel, x, t, rows);
 #endif
+        q4_panel_generic<k>(w, e, panel, x, t, rows);
+      });
       for (int64_t j = 0; j < r; ++j)
         for (int64_t m = 0; m < 16; ++m) out(i + j, n + m, y[j][m]);
     }
