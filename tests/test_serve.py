@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -350,6 +351,15 @@ def test_disconnect_frees_the_slot(folder, stream):
         assert engine.stats()["steps"] - gone < 40  # freed long before its 60 tokens (slack for a loaded machine)
         r = httpx.post(s.url + "/v1/completions", json={**OK, "max_tokens": 3})  # the slot serves again
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_the_address_takes_connections_before_serving_starts(folder):
+    # the CLI prints the address before uvicorn runs: a client connecting then must wait, not be refused
+    s = start(folder, slots=1)
+    try:
+        socket.create_connection(("127.0.0.1", s.port), timeout=5).close()
+    finally:
+        s.sock.close()
 
 
 def test_cli_serves_and_reports_errors(folder, tmp_path):

@@ -75,6 +75,9 @@ class Server:
         except OSError as e:
             self.sock.close()
             raise PerseusError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        # listening from here on: a client that connects as soon as the address is printed
+        # waits in the backlog until uvicorn accepts, instead of being refused
+        self.sock.listen(2048)
         self.host, self.port = host, self.sock.getsockname()[1]
         engine = app.engine
         # uvicorn's own cap on requests in flight (a plain-text 503 beyond it): a last guard

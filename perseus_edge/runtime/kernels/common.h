@@ -7,9 +7,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <string>
 #include <type_traits>
@@ -34,36 +36,81 @@ inline OrtStatus* fail_status(const char* op, const std::string& message) {
   return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(op) + ": " + message).c_str());
 }
 
-inline std::vector<int64_t> shape_of(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
+// A tensor's shape held inline (GetShape's vector was a heap allocation per input and call).
+// No kernel input has more than 5 dimensions; a rank above 8 reads as 9 with no dimensions.
+struct Shape {
+  int64_t dim[8] = {};
+  size_t rank = 0;
+  size_t size() const { return rank; }
+  bool empty() const { return rank == 0; }
+  int64_t operator[](size_t i) const { return dim[i]; }
+  int64_t back() const { return dim[rank - 1]; }
+  bool is(std::initializer_list<int64_t> dims) const {
+    return dims.size() == rank && std::equal(dims.begin(), dims.end(), dim);
+  }
+  bool operator==(const Shape& o) const { return rank == o.rank && std::equal(dim, dim + std::min<size_t>(rank, 8), o.dim); }
+  bool operator!=(const Shape& o) const { return !(*this == o); }
+};
 
-// n values of per-call scratch, uninitialised. Large buffers come from the session's CPU
-// allocator (onnxruntime's arena, reused from call to call): taken from malloc they were fresh
-// mmap'd pages on every call, whose page faults and zeroing cost ~15% of a 54M fp32 pp256. Small
-// ones (a decode step's) stay on malloc's heap, where the arena's bookkeeping would cost more.
+inline Shape shape_of(const Ort::ConstValue& v) {
+  const auto info = v.GetTensorTypeAndShapeInfo();
+  Shape s;
+  s.rank = info.GetDimensionsCount();
+  if (s.rank > 8) s.rank = 9;
+  else Ort::ThrowOnError(g_api->GetDimensions(info, s.dim, s.rank));
+  return s;
+}
+
+// n values of per-call scratch, uninitialised. Given the kernel's context, buffers of 64 KiB and
+// more come from the session's CPU allocator (onnxruntime's arena, reused from call to call):
+// taken from malloc they were fresh mmap'd pages on every call, whose page faults and zeroing
+// cost ~15% of a 54M fp32 pp256. The rest comes from buffers of the calling thread's, kept from
+// call to call: a decode step calls each kernel once per layer, and their short lists were ~800
+// heap allocations per 17M step. Scratch objects are locals, so the thread's buffers are taken
+// and given back in stack order.
 template <class T>
 class Scratch {
  public:
-  Scratch(const Ort::KernelContext& ctx, size_t n) {
+  explicit Scratch(size_t n, const Ort::KernelContext* ctx = nullptr) {
     const size_t bytes = std::max<size_t>(n, 1) * sizeof(T);
     OrtAllocator* a = nullptr;
-    if (bytes >= (size_t{64} << 10)) {
+    if (ctx != nullptr && bytes >= (size_t{64} << 10)) {
       const auto cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-      a = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(cpu));
+      a = ctx->GetAllocator(*static_cast<const OrtMemoryInfo*>(cpu));
     }
-    if (a == nullptr) {
-      small_.resize(n);
-      p_ = small_.data();
-    } else {
+    if (a != nullptr) {
       mem_ = Ort::MemoryAllocation(a, a->Alloc(a, bytes), bytes);
       p_ = static_cast<T*>(mem_.get());
+      return;
     }
+    Stack& s = stack();
+    if (s.depth == s.buffers.size()) s.buffers.emplace_back();
+    auto& b = s.buffers[s.depth++];
+    const size_t units = (bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t);
+    if (b.size() < units) b.resize(units);
+    p_ = reinterpret_cast<T*>(b.data());
+    taken_ = true;
   }
+  ~Scratch() {
+    if (taken_) --stack().depth;
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
   T* data() const { return p_; }
+  T& operator[](size_t i) const { return p_[i]; }
 
  private:
+  struct Stack {
+    std::vector<std::vector<std::max_align_t>> buffers;  // max_align_t: aligned for any T
+    size_t depth = 0;
+  };
+  static Stack& stack() {
+    thread_local Stack s;
+    return s;
+  }
   Ort::MemoryAllocation mem_{nullptr, nullptr, 0};
-  std::vector<T> small_;
   T* p_ = nullptr;
+  bool taken_ = false;
 };
 
 // Portable loops: also built as an x86-64-v3 clone (AVX2 + FMA), picked at load where the CPU has it.

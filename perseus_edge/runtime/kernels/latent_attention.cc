@@ -211,7 +211,7 @@ void attend(const Rows& a, int64_t s0, int64_t s1, float* m, float* l, float* o)
   // the scores and again for the weighted sum while they are still in cache, so a long context
   // streams through memory once, not twice.
   constexpr int64_t kBlock = 64;
-  std::vector<float> p(a.heads * kBlock);
+  Scratch<float> p(a.heads * kBlock);
   std::fill(m, m + a.heads, -INFINITY);
   std::fill(l, l + a.heads, 0.f);
   std::fill(o, o + a.heads * a.r, 0.f);
@@ -362,14 +362,14 @@ void int8_row_vnni(const uint8_t* x, const PackedInt8& w, int64_t h, int32_t* ac
 void head_int8(const uint8_t* q, float xs, int32_t zp, int64_t rows, const PackedInt8& w, const float* wscale,
                int64_t h, float* y) {
   const int64_t H = w.H, K = w.K, N = w.N;
-  std::vector<int32_t> acc(N);
+  Scratch<int32_t> acc(N);
   for (int64_t i = 0; i < rows; ++i) {
     const uint8_t* xh = q + (i * H + h) * K;
 #ifdef PERSEUS_X86
     if (w.vnni) int8_row_vnni(xh, w, h, acc.data()); else
 #endif
     {
-      std::fill(acc.begin(), acc.end(), 0);
+      std::fill(acc.data(), acc.data() + N, 0);
       const int8_t* wh = w.codes.data() + h * K * N;
       for (int64_t k = 0; k < K; ++k) {
         const int32_t xv = xh[k];
@@ -390,16 +390,17 @@ struct HeadMatmul {
   const float* w = nullptr;                              // float weights, or
   const PackedInt8* packed = nullptr; const float* wscale = nullptr;  // int8 codes + scales
   float* y;
-  std::vector<uint8_t> q; float xs = 1.f; int32_t zp = 0;
+  const uint8_t* q = nullptr; float xs = 1.f; int32_t zp = 0;  // int8: x quantized
 
   void run(const Ort::KernelContext& ctx) {
+    Scratch<uint8_t> codes(packed ? rows * H * K + 4 : 0, &ctx);  // +4: the VNNI loop reads whole groups of 4 bytes
     if (packed) {
-      q.resize(rows * H * K + 4);  // +4: the VNNI loop reads whole groups of 4 bytes
-      quantize_u8(x, rows * H * K, q.data(), &xs, &zp);
+      quantize_u8(x, rows * H * K, codes.data(), &xs, &zp);
+      q = codes.data();
     }
     auto one = [](void* data, size_t h) {
       const HeadMatmul& m = *static_cast<const HeadMatmul*>(data);
-      if (m.packed) head_int8(m.q.data(), m.xs, m.zp, m.rows, *m.packed, m.wscale, static_cast<int64_t>(h), m.y);
+      if (m.packed) head_int8(m.q, m.xs, m.zp, m.rows, *m.packed, m.wscale, static_cast<int64_t>(h), m.y);
       else head_f32(m.x, m.rows, m.w, m.H, m.K, m.N, static_cast<int64_t>(h), m.y);
     };
     if (H > 1) ctx.ParallelFor(one, static_cast<size_t>(H), 0, this);
@@ -456,9 +457,10 @@ struct LatentAttentionKernel {
     const int64_t* pos = pos_v.GetTensorData<int64_t>();
     const float* cosp = cos_v.GetTensorData<float>();
     const float* sinp = sin_v.GetTensorData<float>();
-    auto out_v = ctx.GetOutput(0, {B, T, H * v});
-    auto pres_c = ctx.GetOutput(1, pcs);
-    auto pres_k = ctx.GetOutput(2, pks);
+    const int64_t out_shape[3] = {B, T, H * v};
+    auto out_v = ctx.GetOutput(0, out_shape, 3);
+    auto pres_c = ctx.GetOutput(1, pcs.dim, pcs.rank);
+    auto pres_k = ctx.GetOutput(2, pks.dim, pks.rank);
     float* Cache = pres_c.GetTensorMutableData<float>();
     float* Kache = pres_k.GetTensorMutableData<float>();
     if (Cache != past_c.GetTensorData<float>())
@@ -491,7 +493,7 @@ struct LatentAttentionKernel {
 
     // queries: q_lat [B*T, H, r], q_rope' [B*T, H, rope]
     const int64_t rows = B * T;
-    Scratch<float> ql(ctx, rows * H * r), qr(ctx, rows * H * rope), ol(ctx, rows * H * r);
+    Scratch<float> ql(rows * H * r, &ctx), qr(rows * H * rope, &ctx), ol(rows * H * r, &ctx);
     const float* qrp = q_rope.GetTensorData<float>();
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t p = pos[i];
@@ -504,7 +506,7 @@ struct LatentAttentionKernel {
     const int64_t max_keys = *std::max_element(pos, pos + rows) + 1;
     const int64_t block = rows == 1 && max_keys >= 512 ? (max_keys + 1) / 2 : max_keys;
     const int64_t splits = (max_keys + block - 1) / block;
-    Scratch<float> m(ctx, rows * splits * H), l(ctx, rows * splits * H), o(ctx, rows * splits * H * r);
+    Scratch<float> m(rows * splits * H, &ctx), l(rows * splits * H, &ctx), o(rows * splits * H * r, &ctx);
     // one row (a decode step): its heads in groups of 4 as items too, so a second thread has work
     const int64_t group = rows == 1 && H % 4 == 0 && H > 4 ? 4 : H, groups = H / group;
     struct Job {

@@ -337,11 +337,12 @@ void columns_times_tokens(const Experts& w, int64_t e, int64_t n0, int64_t n1, c
 // its scale and scale * the sum of its codes (what a zero point times the block's codes owes).
 struct Q8Set {
   int64_t K = 0, block = 0, blocks = 0;
-  std::vector<int8_t> q;                      // [n, K + 4]
-  std::vector<float> scale, owed;             // [n, blocks]
+  Scratch<int8_t> q;                      // [n, K + 4] (4 zero codes after each vector)
+  Scratch<float> scale, owed;             // [n, blocks]
 
-  Q8Set(int64_t n, int64_t K_, int64_t block_)
-      : K(K_), block(block_), blocks(K_ / std::max<int64_t>(block_, 1)), q(n * (K_ + 4)), scale(n * blocks), owed(n * blocks) {}
+  Q8Set(int64_t n, int64_t K_, int64_t block_, const Ort::KernelContext& ctx)
+      : K(K_), block(block_), blocks(K_ / std::max<int64_t>(block_, 1)), q(n * (K_ + 4), &ctx),
+        scale(n * blocks, &ctx), owed(n * blocks, &ctx) {}
   const int8_t* codes(int64_t i) const { return q.data() + i * (K + 4); }
   const float* scales(int64_t i) const { return scale.data() + i * blocks; }
   const float* owes(int64_t i) const { return owed.data() + i * blocks; }
@@ -361,6 +362,7 @@ struct Q8Set {
       scale[i * blocks + b] = s;
       owed[i * blocks + b] = s * static_cast<float>(sum);
     }
+    std::fill(qi + K, qi + K + 4, int8_t{0});
   }
 };
 
@@ -524,8 +526,9 @@ void q4_times_tokens(const Experts& w, int64_t e, int64_t n0, int64_t n1, const 
 // One call's work, split over the session's threads (KernelContext_ParallelFor items).
 struct Job {
   const Experts *fc1, *fc2; const float* x; int64_t d, F, per, rows_per_item;
-  const std::vector<std::vector<int64_t>>* slots; const std::vector<int64_t>* active;
-  const std::vector<std::vector<const float*>>* acts;  // per active expert: its slots' act rows
+  const int64_t* active; size_t experts;  // the selected experts, ascending
+  const int64_t *first, *slots;   // expert e's slots (token * per + j): slots[first[e] .. first[e + 1])
+  const float* const* acts;       // the act row of each of `slots`
   const Q8Set *xq; Q8Set* actq;
   const float* weight; float *act, *y;
   float* part;  // decode: [slot, d], each slot's fc2 output
@@ -533,47 +536,42 @@ struct Job {
   // fc1 + SwiGLU of one active expert, its tokens 4 at a time
   static void expand(void* data, size_t item) {
     const Job& j = *static_cast<const Job*>(data);
-    const int64_t e = (*j.active)[item];
-    const auto& mine = (*j.slots)[e];
-    const int64_t count = static_cast<int64_t>(mine.size());
-    std::vector<float> h(2 * j.F);
+    const int64_t e = j.active[item];
+    const int64_t* mine = j.slots + j.first[e];
+    const int64_t count = j.first[e + 1] - j.first[e];
+    float gate = 0.f;  // a token's rows come in order, so each up row follows its gate row
     auto swiglu = [&](int64_t i, int64_t n, float v) {
-      h[n] = v;
-      if (n % 2 == 1) {  // gate n - 1, up n: one hidden unit
-        const float gate = h[n - 1];
-        j.act[mine[i] * j.F + n / 2] = gate / (1.0f + std::exp(-gate)) * v;
-      }
+      if (n % 2 == 0) gate = v;
+      else j.act[mine[i] * j.F + n / 2] = gate / (1.0f + std::exp(-gate)) * v;
     };
-    std::vector<int64_t> tok(count);
+    Scratch<int64_t> tok(count);
     for (int64_t i = 0; i < count; ++i) tok[i] = mine[i] / j.per;
     if (j.fc1->bits == 4) {
       q4_times_tokens(*j.fc1, e, 0, 2 * j.F, *j.xq, tok.data(), count, swiglu);
     } else {
-      std::vector<const float*> in(count);
+      Scratch<const float*> in(count);
       for (int64_t i = 0; i < count; ++i) in[i] = j.x + tok[i] * j.d;
       rows_times_tokens(*j.fc1, e, 0, 2 * j.F, in.data(), count, swiglu);
     }
     if (j.fc2->bits == 4)
-      for (const int64_t slot : mine) j.actq->set(slot, j.act + slot * j.F);
+      for (int64_t i = 0; i < count; ++i) j.actq->set(mine[i], j.act + mine[i] * j.F);
   }
 
   // fc2 of active expert a for output rows [n0, n1), its tokens 4 at a time: out(i, n, value)
   template <class Out>
   void fc2_rows(size_t a, int64_t n0, int64_t n1, Out out) const {
-    const int64_t e = (*active)[a];
-    const auto& mine = (*slots)[e];
-    const int64_t count = static_cast<int64_t>(mine.size());
-    if (fc2->bits == 4) q4_times_tokens(*fc2, e, n0, n1, *actq, mine.data(), count, out);
-    else if (fc2->transposed) columns_times_tokens(*fc2, e, n0, n1, (*acts)[a].data(), count, out);
-    else rows_times_tokens(*fc2, e, n0, n1, (*acts)[a].data(), count, out);
+    const int64_t e = active[a], count = first[e + 1] - first[e];
+    if (fc2->bits == 4) q4_times_tokens(*fc2, e, n0, n1, *actq, slots + first[e], count, out);
+    else if (fc2->transposed) columns_times_tokens(*fc2, e, n0, n1, acts + first[e], count, out);
+    else rows_times_tokens(*fc2, e, n0, n1, acts + first[e], count, out);
   }
 
   // fc2 for a range of output rows, every active expert, added into y with the slots' weights
   static void contract(void* data, size_t item) {
     const Job& j = *static_cast<const Job*>(data);
     const int64_t n0 = static_cast<int64_t>(item) * j.rows_per_item, n1 = std::min(j.d, n0 + j.rows_per_item);
-    for (size_t a = 0; a < j.active->size(); ++a) {
-      const auto& mine = (*j.slots)[(*j.active)[a]];
+    for (size_t a = 0; a < j.experts; ++a) {
+      const int64_t* mine = j.slots + j.first[j.active[a]];
       j.fc2_rows(a, n0, n1, [&](int64_t i, int64_t n, float v) { j.y[(mine[i] / j.per) * j.d + n] += j.weight[mine[i]] * v; });
     }
   }
@@ -582,8 +580,8 @@ struct Job {
   static void whole(void* data, size_t item) {
     expand(data, item);
     const Job& j = *static_cast<const Job*>(data);
-    const auto& mine = (*j.slots)[(*j.active)[item]];
-    j.fc2_rows(item, 0, j.d, [&](int64_t i, int64_t n, float v) { j.part[mine[i] * j.d + n] = v; });
+    const int64_t slot = j.slots[j.first[j.active[item]]];
+    j.fc2_rows(item, 0, j.d, [&](int64_t, int64_t n, float v) { j.part[slot * j.d + n] = v; });
   }
 };
 
@@ -644,7 +642,7 @@ struct SparseMoEKernel {
     } else {  // 4 bits in panels: codes [E, N/16, K/8, 16, 4], scales and zero points [E, N/16, blocks, 16]
       w.bits = 4;
       const auto zs = shape_of(ctx.GetInput(zero_at));
-      if (N % 16 != 0 || K % 8 != 0 || s != std::vector<int64_t>{E, N / 16, K / 8, 16, 4})
+      if (N % 16 != 0 || K % 8 != 0 || !s.is({E, N / 16, K / 8, 16, 4}))
         return name + " has the wrong shape (4-bit panels [E, N/16, K/8, 16, 4] expected)";
       if (sc.size() != 4 || sc[0] != E || sc[1] != N / 16 || sc[2] < 1 || K % sc[2] != 0 || sc[3] != 16 || zs != sc ||
           ctx.GetInput(zero_at).GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
@@ -674,7 +672,7 @@ struct SparseMoEKernel {
     if (bad.empty()) bad = side(ctx, 4, 6, 8, all, d, F, fc2);
     if (!bad.empty()) return fail(bad);
 
-    auto y_v = ctx.GetOutput(0, xs);
+    auto y_v = ctx.GetOutput(0, xs.dim, xs.rank);
     float* y = y_v.GetTensorMutableData<float>();
     const int64_t tokens = static_cast<int64_t>(x_v.GetTensorTypeAndShapeInfo().GetElementCount()) / std::max<int64_t>(d, 1);
     std::fill(y, y + tokens * d, 0.f);
@@ -685,8 +683,8 @@ struct SparseMoEKernel {
 
     // routing: each token's top_k experts and their weights (then the shared experts, weight 1),
     // then the slots grouped by expert
-    std::vector<float> score(E), choice(E), weight(tokens * per);
-    std::vector<int64_t> expert(tokens * per);
+    Scratch<float> score(E), choice(E), weight(tokens * per);
+    Scratch<int64_t> expert(tokens * per);
     for (int64_t t = 0; t < tokens; ++t) {
 #ifdef PERSEUS_X86
       if (g_avx512) router_logits_avx512(x + t * d, router, d, E, score.data());
@@ -709,28 +707,37 @@ struct SparseMoEKernel {
       for (int64_t j = 0; j < top_k; ++j) weight[t * per + j] *= (normalize ? 1.0f / total : 1.0f) * scaling;
       for (int64_t s = 0; s < n_shared; ++s) expert[t * per + top_k + s] = E + s, weight[t * per + top_k + s] = 1.0f;
     }
-    std::vector<std::vector<int64_t>> slots(all);  // expert -> its slots (token * per + j)
-    for (int64_t slot = 0; slot < tokens * per; ++slot) slots[expert[slot]].push_back(slot);
-    std::vector<int64_t> active;
-    for (int64_t e = 0; e < all; ++e)
-      if (!slots[e].empty()) active.push_back(e);
+    // slots grouped by expert (a counting sort, slots ascending within each), the active experts
+    const int64_t slot_count = tokens * per;
+    Scratch<int64_t> first(all + 1), slots(slot_count), active(all);
+    std::fill(first.data(), first.data() + all + 1, 0);
+    for (int64_t s = 0; s < slot_count; ++s) ++first[expert[s] + 1];
+    size_t experts = 0;
+    for (int64_t e = 0; e < all; ++e) {
+      if (first[e + 1] > 0) active[experts++] = e;
+      first[e + 1] += first[e];
+    }
+    {
+      Scratch<int64_t> next(all);
+      std::copy(first.data(), first.data() + all, next.data());
+      for (int64_t s = 0; s < slot_count; ++s) slots[next[expert[s]]++] = s;
+    }
 
     // 4-bit sides multiply quantized vectors: the tokens (fc1), each slot's SwiGLU output (fc2)
-    Q8Set xq(fc1.bits == 4 ? tokens : 0, d, fc1.block), actq(fc2.bits == 4 ? tokens * per : 0, F, fc2.block);
+    Q8Set xq(fc1.bits == 4 ? tokens : 0, d, fc1.block, ctx), actq(fc2.bits == 4 ? tokens * per : 0, F, fc2.block, ctx);
     for (int64_t t = 0; t < (fc1.bits == 4 ? tokens : 0); ++t) xq.set(t, x + t * d);
 
-    Scratch<float> act(ctx, tokens * per * F);  // [slot, F]: silu(gate) * up of the slot's expert
-    std::vector<std::vector<const float*>> acts(active.size());
-    for (size_t a = 0; a < active.size(); ++a)
-      for (const int64_t slot : slots[active[a]]) acts[a].push_back(act.data() + slot * F);
-    Job job{&fc1, &fc2, x, d, F, per, 64, &slots, &active, &acts, &xq, &actq, weight.data(), act.data(), y, nullptr};
-    const size_t experts = active.size();
+    Scratch<float> act(slot_count * F, &ctx);  // [slot, F]: silu(gate) * up of the slot's expert
+    Scratch<const float*> acts(slot_count);
+    for (int64_t i = 0; i < slot_count; ++i) acts[i] = act.data() + slots[i] * F;
+    Job job{&fc1, &fc2, x, d, F, per, 64, active.data(), experts, first.data(), slots.data(), acts.data(), &xq, &actq,
+            weight.data(), act.data(), y, nullptr};
     if (tokens == 1 && fc2.transposed) {
       // float decode: one item per expert, fc1 then fc2 over whole output rows into the slot's
       // own row (each fc2 row read whole and in order: output ranges of 64 columns read 256-byte
       // pieces of every row, measured 1.3x slower), then the slots summed in order. (Codes keep
       // the ranges: their fc2 rows are per output, and one pass more measured 2-4% slower.)
-      std::vector<float> part(per * d);
+      Scratch<float> part(per * d);
       job.part = part.data();
       ctx.ParallelFor(Job::whole, experts, 0, &job);
       for (int64_t slot = 0; slot < per; ++slot) add_scaled(weight[slot], part.data() + slot * d, d, y);
