@@ -10,7 +10,7 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "perseus_edge.runtime.kernels._perseus_kernels",
-    sources=[f"perseus_edge/runtime/kernels/{name}.cc" for name in ("library", "latent_attention", "sparse_moe")],
+    sources=[f"perseus_edge/runtime/kernels/{name}.cc" for name in ("library", "latent_attention", "sparse_moe", "linear")],
     include_dirs=["perseus_edge/runtime/kernels/include"],
     # -Wno-psabi: GCC notes that 32-byte vector values change the ABI of baseline-ISA calls; the
     # portable loops' vectors (common.h f8) never cross a call

@@ -186,7 +186,7 @@ def test_ort_cpu_target_matches_transformers(variant, name, tmp_path):
     hf, folder, _ = variant(name)
     out = export_checkpoint(folder, tmp_path / "ort", target="ort-cpu")
     lowered = json.loads((out / "manifest.json").read_text())["lowering"]["passes"]
-    assert lowered == (["moe_to_ort"] if name == "v3-qlora-dense-bias" else []) + ["skip_norm_to_ort"]
+    assert lowered == (["moe_to_ort"] if name == "v3-qlora-dense-bias" else []) + ["skip_norm_to_ort", "head_to_linear"]
     ids = tokens(PROMPT + STEPS)
     model = Model(out, threads=1)
     got = [model.forward(ids[:, :PROMPT], 0).copy()]

@@ -86,11 +86,13 @@ def test_portable_matches_pytorch(arch, exported, make_checkpoint):
 def test_lowered_matches_pytorch(arch, exported, make_checkpoint):
     folder = exported(arch, "ort-cpu")
     meta = verify_folder(folder)[mf.LOWER_META]
-    assert meta["target"] == "ort-cpu" and meta["passes"] == ["moe_to_ort", "skip_norm_to_ort"]
+    assert meta["target"] == "ort-cpu" and meta["passes"] == ["moe_to_ort", "skip_norm_to_ort", "head_to_linear"]
     model = onnx.load(str(folder / mf.MODEL_ONNX))
     nodes = model.graph.node
     ops = {(n.domain, n.op_type) for n in nodes}
     assert (mf.PERSEUS_DOMAIN, mf.OP_SPARSE_MOE) in ops and (mf.PERSEUS_DOMAIN, mf.OP_MOE) not in ops
+    head = next(n for n in nodes if mf.LOGITS in n.output)  # the float head: the native Linear
+    assert (head.domain, head.op_type) == (mf.PERSEUS_DOMAIN, mf.OP_LINEAR)
     body = {(n.domain, n.op_type) for f in model.functions if f.name == mf.OP_SPARSE_MOE for n in f.node}
     assert (mf.MS_DOMAIN, "MoE") in body  # the body stock onnxruntime runs
     # every residual add feeding a norm is fused into it: all norms but the first
@@ -125,7 +127,7 @@ def test_chunked_prefill_equals_one_prefill(arch, exported):
 def test_dense_archs_only_fuse_norms(exported, make_checkpoint):
     folder = exported("mha", "ort-cpu")
     meta = verify_folder(folder)[mf.LOWER_META]
-    assert meta["target"] == "ort-cpu" and meta["passes"] == ["skip_norm_to_ort"]
+    assert meta["target"] == "ort-cpu" and meta["passes"] == ["skip_norm_to_ort", "head_to_linear"]
     assert_parity(folder, make_checkpoint("mha"), steps=8)
 
 
@@ -328,7 +330,8 @@ def test_cli_export_defaults_to_ort_cpu_with_the_portable_graphs_tokens(make_che
     with pytest.raises(SystemExit) as done:
         main(["export", str(make_checkpoint("moe-mla-rope")), "-o", str(out)])
     assert not done.value.code
-    assert verify_folder(out)[mf.LOWER_META] == {"target": "ort-cpu", "passes": ["moe_to_ort", "skip_norm_to_ort"]}
+    assert verify_folder(out)[mf.LOWER_META] == {"target": "ort-cpu",
+                                                  "passes": ["moe_to_ort", "skip_norm_to_ort", "head_to_linear"]}
     prompt = np.random.default_rng(1).integers(2, 256, (1, PROMPT))
     logits, tokens = CachedSession(out / mf.MODEL_ONNX).greedy(prompt, 32)
     ref_logits, ref_tokens = CachedSession(exported("moe-mla-rope") / mf.MODEL_ONNX).greedy(prompt, 32)

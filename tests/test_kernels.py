@@ -366,3 +366,43 @@ def test_sparse_moe_refuses_mismatched_experts():
             "fc2": np.ones((4, 32, 15), np.float32)}
     with pytest.raises(Exception, match="perseus.SparseMoE: fc2 has the wrong shape"):
         session.run(None, feed)
+
+
+def _linear_session(native: bool, threads: int = 2):
+    """A one-node graph: perseus.Linear(x, weight), both fed at run time; with the library
+    registered (the native kernel) or not (onnxruntime runs the op's body, lower/passes.py `linear`)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from perseus_edge.lower.passes import linear
+
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "weight")]
+    node = helper.make_node(mf.OP_LINEAR, ["x", "weight"], ["y"], domain=mf.PERSEUS_DOMAIN)
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24), helper.make_opsetid(mf.PERSEUS_DOMAIN, 1)],
+                              functions=[linear()])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    if native:
+        so.register_custom_ops_library(str(LIBRARY))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("rows,K,N", [(1, 512, 1000), (1, 20, 37), (3, 64, 70), (6, 100, 260), (0, 16, 5)])
+def test_linear_matches_numpy_and_its_body(rows, K, N, loops):
+    """perseus.Linear = x W^T: one row (decode), several (a prompt's every logit: 4 at a time and
+    a remainder), K not a multiple of 16 (masked tails), N not a multiple of 4 or of a thread's
+    rows; and the body stock onnxruntime runs gives the same."""
+    rng = np.random.default_rng(rows * 1000 + K)
+    x = rng.standard_normal((2, rows, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    want = x @ w.T
+    for native in (True, False):
+        got = _linear_session(native).run(None, {"x": x, "weight": w})[0]
+        assert got.shape == (2, rows, N)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max(initial=0))))
+
+
+def test_linear_refuses_mismatched_weight():
+    with pytest.raises(Exception, match=r"perseus.Linear: x \[\.\.\., K\] and weight \[N, K\] expected"):
+        _linear_session(True).run(None, {"x": np.ones((1, 1, 8), np.float32), "weight": np.ones((4, 9), np.float32)})

@@ -334,15 +334,19 @@ def test_stages_leave_their_input_and_check_the_order(exported):
 
 
 @pytest.mark.parametrize("scheme,options", [("int8", {}), ("int4", {"kv_cache": "int8"}), ("fp16", {}),
-                                            ("int4", {"format": "qdq"})])
+                                            ("int4", {"format": "qdq"}), ("int8", {"lm_head": "fp32"})])
 def test_quantizing_the_default_ort_cpu_export_equals_quantizing_the_portable_one(
         exported, quantized, tmp_path, scheme, options):
     """`perseus export` writes the ort-cpu graph by default and `perseus quantize` takes it: the
     result is the program that quantizing the portable export for ort-cpu gives, weight for weight
-    (the routers stay float, as inside perseus.MoE; the experts go to QMoE), node for node."""
+    (the routers stay float, as inside perseus.MoE; the experts go to QMoE), node for node. The
+    export's float head (perseus.Linear) is quantized like the portable MatMul, and is the native
+    Linear again where it stays float32."""
     got = quantize_model(exported("moe-mla-rope", "ort-cpu"), tmp_path / "q", scheme, target="ort-cpu", **options)
     want = quantized(scheme, target="ort-cpu", **options)
     g, w = graph(got), graph(want)
+    head = next(n for n in g.graph.node if mf.LOGITS in n.output)
+    assert (head.op_type == mf.OP_LINEAR) == (options.get("lm_head") == "fp32"), head.op_type
 
     def weights(m):
         return {t.name: (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes()) for t in m.graph.initializer}

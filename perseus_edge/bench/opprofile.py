@@ -48,13 +48,13 @@ def _node_scopes(model_dir: Path) -> dict[str, str]:
         weights = [i for i in node.input if i in inits]
         comps = [graphinfo.component(w) for w in weights]
         comps = [c for c in comps if c not in ("other", "rope tables", "norms")]
-        if node.domain == "perseus":  # in the trace only when the native kernel ran it
+        if node.domain == "perseus" and node.op_type != mf.OP_LINEAR:  # in the trace only when the native kernel ran it
             scope = f"perseus.{node.op_type} (native)"
         elif node.domain == mf.MS_DOMAIN and node.op_type in graphinfo.SPARSE_MOE_OPS:
             scope = f"experts ({node.domain}.{node.op_type})"
         elif comps:
-            scope = comps[0] + " matmuls" if node.op_type in ("MatMul", "Gemm", "MatMulNBits",
-                                                              "MatMulInteger", "DynamicQuantizeMatMul") \
+            scope = comps[0] + " matmuls" if node.op_type in ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger",
+                                                              "DynamicQuantizeMatMul", mf.OP_LINEAR) \
                 else comps[0]
         elif ".mlp.routed/" in node.name or ".mlp.routed/" in (node.output[0] if node.output else ""):
             scope = "MoE routing"

@@ -239,7 +239,47 @@ def int8_batched_matmul_to_ort(model: onnx.ModelProto) -> int:
     return count
 
 
-REWRITES = {"ort-cpu": [moe_to_ort, skip_norm_to_ort, int8_batched_matmul_to_ort]}
+def head_to_linear(model: onnx.ModelProto) -> int:
+    """MatMul(x, W [d, vocab]) writing the logits, W a float initializer read by no other node
+    =>  perseus.Linear(x, W^T [vocab, d]) (the same initializer name, transposed in place).
+
+    A decode step's largest single weight (the 54M's 16.8 MB of 70.6) read by the native kernel
+    (runtime/kernels/linear.cc: one dot per vocabulary row, rows read in order and split over the
+    threads) instead of onnxruntime's MatMul on its packed copy: a 54M fp32 step 0.99-1.18x at 1
+    thread (5 alternating pairs, 4 of them 1.09x or more), 1.13-1.20x at 2 (studies/perf/README.md
+    section 15). The body (`linear`) transposes back, so stock onnxruntime runs it, folding the
+    transpose at load. The quantizer turns it back into the MatMul it quantizes
+    (`quantize.rewrite.linear_to_matmul`): only a head that stays float is lowered.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    count = 0
+    for i, node in enumerate(model.graph.node):
+        w = inits.get(node.input[1]) if (node.op_type, node.domain) == ("MatMul", "") else None
+        if (w is None or mf.LOGITS not in node.output or w.data_type != onnx.TensorProto.FLOAT
+                or len(w.dims) != 2 or readers[w.name] != 1):
+            continue
+        w.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T), w.name))
+        model.graph.node[i].CopyFrom(helper.make_node(mf.OP_LINEAR, list(node.input), list(node.output),
+                                                      name=node.name, domain=mf.PERSEUS_DOMAIN))
+        count += 1
+    if count and not any((f.domain, f.name) == (mf.PERSEUS_DOMAIN, mf.OP_LINEAR) for f in model.functions):
+        model.functions.append(linear())
+        ensure_opset(model, mf.PERSEUS_DOMAIN, 1)
+    return count
+
+
+def linear() -> onnx.FunctionProto:
+    """perseus.Linear's body: y = x W^T, W [N, K] (torch's nn.Linear layout)."""
+    b = Builder()
+    b.MatMul("x", b.Transpose("weight", perm=[1, 0]), _outputs=["y"])
+    return b.function(mf.PERSEUS_DOMAIN, mf.OP_LINEAR, ["x", "weight"], ["y"], [], linear.__doc__)
+
+
+REWRITES = {"ort-cpu": [moe_to_ort, skip_norm_to_ort, int8_batched_matmul_to_ort, head_to_linear]}
 
 
 def lower(model: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, list[str]]:

@@ -50,6 +50,7 @@ OP_LATENT_ATTENTION = "LatentAttention"
 OP_ATTENTION = "Attention"  # MHA baseline, same cache contract
 OP_MOE = "MoE"
 OP_SPARSE_MOE = "SparseMoE"  # ort-cpu: routing + the selected experts (lower/passes.py)
+OP_LINEAR = "Linear"  # ort-cpu: x W^T with W [N, K], the float LM head (lower/passes.py)
 
 # manifest.json of an exported folder: kind, and the key holding the export metadata
 # ({"opset", "perseus_ops", "max_context", "source_checkpoint": {"path", "sha256"}, ...})

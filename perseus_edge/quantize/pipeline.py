@@ -1,8 +1,9 @@
 """`quantize`: `Program` -> quantized `Program` (the second compiler stage).
 
 It works on the portable graph, or on one already lowered for the target it quantizes for (what
-`perseus export` writes by default): the lowering passes only rewrite the perseus ops, whose
-weights the quantizer leaves to the target anyway, so both orders give the same program.
+`perseus export` writes by default): the lowering passes rewrite the perseus ops, whose weights
+the quantizer leaves to the target anyway, and the float LM head, which it turns back into its
+MatMul first (`rewrite.linear_to_matmul`); so both orders give the same program.
 
     rewrite  the scheme's passes (rewrite.py), in this order: embedding table, LM head,
              main-graph matmuls, the perseus ops' weights, the int8 cache
@@ -42,16 +43,22 @@ def quantize(program: Program, plan: Plan) -> Program:
     if program.target not in ("portable", plan.target):
         raise PerseusError(f"the program is lowered for {program.target}: quantize it for {program.target}, "
                            f"or quantize the portable export for {plan.target}")
+    from perseus_edge.quantize import rewrite as rw
+
     started = time.perf_counter()
     graph = onnx.ModelProto()
     graph.CopyFrom(program.graph)
+    records = dict(program.records)
+    if rw.linear_to_matmul(graph):  # a float head lowered for ort-cpu: its MatMul again, quantized below or not
+        lowered = records[mf.LOWER_META]  # and lowered again after, if it stays float32
+        records[mf.LOWER_META] = {**lowered, "passes": [p for p in lowered["passes"] if p != "head_to_linear"]}
     report = apply(graph, plan)
     record = {**plan.to_dict(), **report,
               "quantizer": {"perseus_edge": __version__, "onnx": onnx.__version__,
                             "onnxruntime": onnxruntime.__version__},
               "seconds": round(time.perf_counter() - started, 2)}
     return Program(graph, program.config, program.tokenizer, program.generation,
-                   f"{mf.KIND_ONNX}-{plan.kind_suffix}", {**program.records, mf.QUANT_META: record})
+                   f"{mf.KIND_ONNX}-{plan.kind_suffix}", {**records, mf.QUANT_META: record})
 
 
 # ----------------------------------------------------------------------------- the passes

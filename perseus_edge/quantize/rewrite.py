@@ -102,6 +102,25 @@ class MatMulQuant:
 
 
 # ----------------------------------------------------------------------------- main-graph matmuls
+def linear_to_matmul(model: onnx.ModelProto) -> int:
+    """perseus.Linear(x, W [N, K]) => MatMul(x, W^T) (the same initializer name, transposed back):
+    undoes the ort-cpu lowering of a float LM head (`lower.passes.head_to_linear`) in a graph
+    lowered before quantization, so the passes here see the head they quantize. Lowering after
+    quantization lowers it again if it stayed float32."""
+    inits = {t.name: t for t in model.graph.initializer}
+    count = 0
+    for i, node in enumerate(model.graph.node):
+        if (node.domain, node.op_type) != (mf.PERSEUS_DOMAIN, mf.OP_LINEAR) or node.input[1] not in inits:
+            continue
+        w = inits[node.input[1]]
+        w.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T), w.name))
+        model.graph.node[i].CopyFrom(helper.make_node("MatMul", list(node.input), list(node.output), name=node.name))
+        count += 1
+    if count:
+        drop_unused(model)  # the Linear function, if no call is left
+    return count
+
+
 def quantize_matmuls(model: onnx.ModelProto, quant: MatMulQuant, skip: set[str] = frozenset()) -> list[str]:
     """Quantize every main-graph MatMul whose B is a 2-D float initializer (names in `skip` stay).
     Returns the quantized weight names."""

@@ -203,5 +203,6 @@ void gemm_block(const float* x, int64_t x_stride, const float* w, int64_t K, int
 // The ops of the library (one file each).
 const OrtCustomOp* latent_attention_op();
 const OrtCustomOp* sparse_moe_op();
+const OrtCustomOp* linear_op();
 
 }  // namespace perseus

@@ -24,7 +24,8 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
   // Without AVX-512 (or off x86) SparseMoE alone, on its portable loops: they keep 4-bit experts
   // in place, where the body's QMoE holds ~3.5x the memory, while LatentAttention's portable
   // loops lost to its body (onnxruntime's kernels) at a long context (studies/perf/README.md,
-  // section 14). They still serve shapes the AVX-512 loops do not take, and the tests.
+  // section 14), and Linear's were not measured against onnxruntime's own (AVX2) MatMul. They
+  // still serve shapes the AVX-512 loops do not take, and the tests.
   const bool attention = g_avx512 || forced;
   // Two domains, each filled once and kept for the process (sessions refer to them); a domain
   // without an op leaves onnxruntime to inline that op's function body. The session entry
@@ -33,7 +34,7 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
   static Ort::CustomOpDomain all("perseus"), experts("perseus");
   static std::once_flag added;
   std::call_once(added, [] {
-    all.Add(latent_attention_op()), all.Add(sparse_moe_op());
+    all.Add(latent_attention_op()), all.Add(sparse_moe_op()), all.Add(linear_op());
     experts.Add(sparse_moe_op());
   });
   int asked = 0;
