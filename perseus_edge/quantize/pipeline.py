@@ -49,9 +49,10 @@ def quantize(program: Program, plan: Plan) -> Program:
     graph = onnx.ModelProto()
     graph.CopyFrom(program.graph)
     records = dict(program.records)
-    if rw.linear_to_matmul(graph):  # a float head lowered for ort-cpu: its MatMul again, quantized below or not
-        lowered = records[mf.LOWER_META]  # and lowered again after, if it stays float32
-        records[mf.LOWER_META] = {**lowered, "passes": [p for p in lowered["passes"] if p != "head_to_linear"]}
+    lowered = records.get(mf.LOWER_META)
+    if rw.linear_to_matmul(graph) and lowered:  # a float head lowered for ort-cpu: its MatMul again, quantized
+        # below or not, and lowered again after if it stays float32
+        records[mf.LOWER_META] = {**lowered, "passes": [p for p in lowered.get("passes", []) if p != "head_to_linear"]}
     report = apply(graph, plan)
     record = {**plan.to_dict(), **report,
               "quantizer": {"perseus_edge": __version__, "onnx": onnx.__version__,

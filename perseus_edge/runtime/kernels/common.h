@@ -113,6 +113,18 @@ class Scratch {
   bool taken_ = false;
 };
 
+// f(std::integral_constant<int, R>{}) with R = count (1..4): the kernels' loops take a group's
+// token count as a template argument, so their accumulators stay in registers
+template <class F>
+void with_tokens(int64_t count, F f) {
+  switch (count) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{});
+  }
+}
+
 // Portable loops: also built as an x86-64-v3 clone (AVX2 + FMA), picked at load where the CPU has it.
 #if defined(PERSEUS_X86) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)  // clones need ifunc
 #define PERSEUS_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -145,6 +157,21 @@ __attribute__((always_inline)) inline float sum8(f8 v) {
 }
 
 #ifdef PERSEUS_X86
+// a . b over n values, read in order with four accumulators (a row of weights times a vector)
+PERSEUS_TARGET("avx512f")
+inline float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 64 <= n; k += 64)
+    #pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16 * j), _mm512_loadu_ps(b + k + 16 * j), acc[j]);
+  for (; k < n; k += 16) {
+    const __mmask16 m = n - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - k)) - 1);
+    acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), acc[0]);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
 // Sums of 16 accumulators in one vector, lane 4 * i + j = sum of acc[4 * i + j] (an add/shuffle
 // network: ~45 instructions where 16 separate horizontal sums take ~160).
 PERSEUS_TARGET("avx512f")

@@ -16,22 +16,6 @@ namespace {
 OrtStatus* fail(const std::string& message) { return fail_status("perseus.Linear", message); }
 
 #ifdef PERSEUS_X86
-// w . x over K values, one row of W read in order with four accumulators: a one-row x (decode)
-// takes W a row at a time (measured faster than 4 rows of W at once, which read 4 places).
-PERSEUS_TARGET("avx512f")
-float dot_avx512(const float* w, const float* x, int64_t K) {
-  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64)
-    #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16 * j), _mm512_loadu_ps(x + k + 16 * j), a[j]);
-  for (; k < K; k += 16) {
-    const __mmask16 m = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
-    a[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + k), _mm512_maskz_loadu_ps(m, x + k), a[0]);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
-}
-
 // y[r * ys + i] = W row i . x[r] for 4 rows of W (stride K) and R <= 4 rows of x (stride K):
 // 4 x R accumulators over k, each weight vector loaded once for the R rows.
 template <int R>
@@ -78,18 +62,12 @@ struct Job {
       float* y = j.y + m * j.N;
       int64_t n = n0;
 #ifdef PERSEUS_X86
+      // one row of x (decode): W a row at a time, each read in order (measured faster than 4 at once)
       if (g_avx512 && r == 1)
         for (; n < n1; ++n) y[n] = dot_avx512(j.w + n * j.K, x, j.K);
       if (g_avx512)
-        for (; n + 4 <= n1; n += 4) {
-          const float* w = j.w + n * j.K;
-          switch (r) {
-            case 4: rows4_avx512<4>(w, x, j.K, y + n, j.N); break;
-            case 3: rows4_avx512<3>(w, x, j.K, y + n, j.N); break;
-            case 2: rows4_avx512<2>(w, x, j.K, y + n, j.N); break;
-            default: rows4_avx512<1>(w, x, j.K, y + n, j.N);
-          }
-        }
+        for (; n + 4 <= n1; n += 4)
+          with_tokens(r, [&](auto R) { rows4_avx512<decltype(R)::value>(j.w + n * j.K, x, j.K, y + n, j.N); });
 #endif
       for (; n < n1; ++n)  // portable loops, and the last rows of W
         for (int64_t i = 0; i < r; ++i) y[i * j.N + n] = dot_generic(j.w + n * j.K, x + i * j.K, j.K);

@@ -44,18 +44,6 @@ struct Experts {
   int bits = 32, shift = 0;  // shift: log2(block) where the block is a power of two
 };
 
-// f(std::integral_constant<int, R>{}) with R = count (1..4): the loops below take a group's token
-// count as a template argument, so their accumulators stay in registers
-template <class F>
-void with_tokens(int64_t count, F f) {
-  switch (count) {
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{});
-  }
-}
-
 // ----------------------------------------------------------------------------- portable loops
 // Any CPU (and PERSEUS_KERNELS_GENERIC=1): plain loops the compiler vectorises for the baseline
 // ISA, and as an x86-64-v3 clone (AVX2 + FMA) where the CPU has it (PERSEUS_CLONES). Slower than
@@ -177,6 +165,7 @@ void rows_dot(const Experts& w, int64_t e, int64_t n0, const float* const* x, fl
 template <bool CODES>
 PERSEUS_TARGET("avx512f,avx512bw")
 float row_dot(const Experts& w, int64_t row, const float* x) {
+  if constexpr (!CODES) return dot_avx512(w.f + row * w.K, x, w.K);
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   int64_t k = 0;
   for (; k + 64 <= w.K; k += 64)
