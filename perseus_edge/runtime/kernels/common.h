@@ -36,6 +36,38 @@ inline OrtStatus* fail_status(const char* op, const std::string& message) {
   return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(op) + ": " + message).c_str());
 }
 
+// A kernel K as onnxruntime runs it: an exception from K::compute becomes the op's error status.
+template <class K>
+struct Guarded {
+  K kernel;
+  std::string op;  // "perseus.<name>", the prefix of its errors
+  Guarded(const OrtKernelInfo* info, std::string name) : kernel(info), op(std::move(name)) {}
+  OrtStatus* ComputeV2(OrtKernelContext* context) {
+    try {
+      return kernel.compute(Ort::KernelContext(context));
+    } catch (const std::exception& e) {
+      return fail_status(op.c_str(), e.what());
+    }
+  }
+};
+
+// What every native op shares with onnxruntime: the CPU provider, and its kernel K built from the
+// node (K(info)) and run by K::compute, errors read "perseus.<name>: message". Op gives GetName
+// and its inputs' and outputs' types.
+template <class Op, class K>
+struct NativeOp : Ort::CustomOpBase<Op, Guarded<K>, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    const std::string op = std::string("perseus.") + static_cast<const Op*>(this)->GetName();
+    try {
+      *kernel = new Guarded<K>(info, op);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return fail_status(op.c_str(), e.what());
+    }
+  }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+};
+
 // A tensor's shape held inline (GetShape's vector was a heap allocation per input and call).
 // No kernel input has more than 5 dimensions; a rank above 8 reads as 9 with no dimensions.
 struct Shape {

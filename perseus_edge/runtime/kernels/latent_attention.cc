@@ -424,14 +424,6 @@ struct LatentAttentionKernel {
     epsilon = k.GetAttribute<float>("epsilon");
   }
 
-  OrtStatus* ComputeV2(OrtKernelContext* context) {
-    try {
-      return compute(Ort::KernelContext(context));
-    } catch (const std::exception& e) {
-      return fail(e.what());
-    }
-  }
-
   OrtStatus* compute(Ort::KernelContext ctx) {
     const bool int8 = ctx.GetInputCount() >= 14 && ctx.GetInput(12) != nullptr;
     auto q_nope = ctx.GetInput(0), q_rope = ctx.GetInput(1), c_kv = ctx.GetInput(2), k_rope = ctx.GetInput(3);
@@ -574,17 +566,8 @@ struct LatentAttentionKernel {
   }
 };
 
-struct LatentAttentionOp : Ort::CustomOpBase<LatentAttentionOp, LatentAttentionKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new LatentAttentionKernel(info);
-      return nullptr;
-    } catch (const std::exception& e) {
-      return fail(e.what());
-    }
-  }
+struct LatentAttentionOp : NativeOp<LatentAttentionOp, LatentAttentionKernel> {
   const char* GetName() const { return "LatentAttention"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 14; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     if (i == 4) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;

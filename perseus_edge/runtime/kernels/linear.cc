@@ -78,14 +78,6 @@ struct Job {
 struct LinearKernel {
   explicit LinearKernel(const OrtKernelInfo*) {}
 
-  OrtStatus* ComputeV2(OrtKernelContext* context) {
-    try {
-      return compute(Ort::KernelContext(context));
-    } catch (const std::exception& e) {
-      return fail(e.what());
-    }
-  }
-
   OrtStatus* compute(Ort::KernelContext ctx) {
     const auto x_v = ctx.GetInput(0), w_v = ctx.GetInput(1);
     const Shape xs = shape_of(x_v), ws = shape_of(w_v);
@@ -104,17 +96,8 @@ struct LinearKernel {
   }
 };
 
-struct LinearOp : Ort::CustomOpBase<LinearOp, LinearKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new LinearKernel(info);
-      return nullptr;
-    } catch (const std::exception& e) {
-      return fail(e.what());
-    }
-  }
+struct LinearOp : NativeOp<LinearOp, LinearKernel> {
   const char* GetName() const { return "Linear"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 2; }  // x, weight
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   size_t GetOutputTypeCount() const { return 1; }

@@ -592,14 +592,6 @@ struct SparseMoEKernel {
     }
   }
 
-  OrtStatus* ComputeV2(OrtKernelContext* context) {
-    try {
-      return compute(Ort::KernelContext(context));
-    } catch (const std::exception& e) {
-      return fail(e.what());
-    }
-  }
-
   // Input `at` ("fc1" or "fc2": [E, N, K]) as Experts, with its scales at `scale_at` and (4 bits)
   // zero points at `zero_at` when given.
   static std::string side(const Ort::KernelContext& ctx, size_t at, size_t scale_at, size_t zero_at, int64_t E,
@@ -739,17 +731,8 @@ struct SparseMoEKernel {
   }
 };
 
-struct SparseMoEOp : Ort::CustomOpBase<SparseMoEOp, SparseMoEKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new SparseMoEKernel(info);
-      return nullptr;
-    } catch (const std::exception& e) {
-      return fail(e.what());
-    }
-  }
+struct SparseMoEOp : NativeOp<SparseMoEOp, SparseMoEKernel> {
   const char* GetName() const { return "SparseMoE"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   // x, router, router_bias, fc1, fc2 (float, or uint8 codes), then fc1_scale, fc2_scale (codes only),
   // fc1_zero_point, fc2_zero_point (4-bit codes only)
   size_t GetInputTypeCount() const { return 9; }
